@@ -1,0 +1,186 @@
+"""One training loop for the whole kit: AdamW, linear warm-up then cosine decay, gradient clipping,
+bf16 autocast on CUDA, optional ``tqdm.auto`` progress, and periodic evaluation (exact match for
+sequence tasks, accuracy for digit classifiers). Silent unless ``progress=True``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .data import encode_for_training, exact_match
+from .device import autocast, get_device
+
+
+def cosine_schedule(step: int, total: int, warmup: int) -> float:
+    """Learning-rate multiplier: linear warm-up to 1 over ``warmup`` steps, then cosine to 0.1."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _optimizer(model, lr, weight_decay):
+    # no weight decay on biases and norm gains: decaying them only fights the normalisation
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+
+
+def _progress_bar(total, enabled, desc):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+def train_lm(model, data, steps: int, batch_size: int = 128, lr: float = 3e-3, warmup: int | None = None,
+             weight_decay: float = 0.01, grad_clip: float = 1.0, eval_data=None, eval_every: int | None = None,
+             device=None, seed: int = 0, progress: bool = False, max_len: int = 32, callback=None,
+             extra_loss=None) -> dict:
+    """Train a causal LM on prompt/answer pairs with the loss on the answer tokens only.
+
+    data: a ``datasets.Dataset`` (or list of dicts) with ``prompt`` and ``answer``.
+    eval_data: evaluated by greedy exact match every ``eval_every`` steps and at the end.
+    callback(step, model): called after each evaluation (e.g. to keep checkpoints).
+    extra_loss(outputs) -> tensor: added to the loss (e.g. an MoE load-balancing loss).
+    Returns a history: {"loss": [per step], "eval": [(step, exact_match), ...]}.
+    """
+    if steps <= 0:
+        raise ValueError(f"steps must be positive, got {steps}")
+    device = torch.device(device) if device is not None else get_device()
+    model.to(device).train()
+    prompts, answers = list(data["prompt"]), list(data["answer"])
+    if not prompts:
+        raise ValueError("train_lm needs a non-empty dataset")
+    enc = encode_for_training(prompts, answers, max_len=max_len)
+    enc = {k: v.to(device) for k, v in enc.items()}
+    n = enc["input_ids"].shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    opt = _optimizer(model, lr, weight_decay)
+    warmup = max(1, steps // 20) if warmup is None else warmup
+    history = {"loss": [], "eval": []}
+    bar = _progress_bar(steps, progress, "train_lm")
+
+    def evaluate(step):
+        model.eval()
+        em = exact_match(model, eval_data)
+        model.train()
+        history["eval"].append((step, em))
+        if callback is not None:
+            callback(step, model)
+        if bar is not None:
+            bar.set_postfix(exact_match=f"{em:.3f}")
+
+    for step in range(steps):
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(device)
+        batch = {k: v[idx] for k, v in enc.items()}
+        width = int(batch["attention_mask"].sum(1).max())  # trim shared right padding
+        batch = {k: v[:, :width] for k, v in batch.items()}
+        for group in opt.param_groups:
+            group["lr"] = lr * cosine_schedule(step, steps, warmup)
+        with autocast(device):
+            out = model(**batch)
+            loss = out.loss if extra_loss is None else out.loss + extra_loss(out)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        history["loss"].append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            bar.set_description(f"train_lm loss {loss.item():.3f}")
+        if eval_data is not None and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            evaluate(step + 1)
+    if eval_data is not None:
+        evaluate(steps)
+    if bar is not None:
+        bar.close()
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def predict_logits(model, X, batch_size: int = 4096) -> torch.Tensor:
+    """Logits [N, C] of a classifier on X [N, ...], in eval mode, on the model's device."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(X[i: i + batch_size].to(device)) for i in range(0, len(X), batch_size)])
+    model.train(was_training)
+    return out
+
+
+def accuracy(model, X, y) -> float:
+    """Top-1 accuracy of a classifier on (X, y)."""
+    if len(X) != len(y):
+        raise ValueError(f"X has {len(X)} rows but y has {len(y)}")
+    if len(X) == 0:
+        raise ValueError("accuracy needs at least one example")
+    logits = predict_logits(model, X)
+    return (logits.argmax(-1).cpu() == torch.as_tensor(y).cpu()).float().mean().item()
+
+
+def train_classifier(model, X, y, steps: int = 1000, batch_size: int = 64, lr: float = 3e-3,
+                     warmup: int | None = None, weight_decay: float = 1e-4, grad_clip: float = 1.0,
+                     X_val=None, y_val=None, eval_every: int | None = None, augment=None,
+                     label_smoothing: float = 0.0, device=None, seed: int = 0, progress: bool = False,
+                     callback=None, sample_weight_idx=None) -> dict:
+    """Train a classifier with cross-entropy on minibatches drawn with a seeded generator.
+
+    augment(xb, generator) -> xb: applied to each training batch (e.g. pixel noise).
+    sample_weight_idx: optional index tensor (e.g. a bootstrap resample) that replaces 0..N-1 as the
+    pool minibatches are drawn from; that is how bagging trains on a resample without copying data.
+    callback(step, model): after each evaluation (checkpoints along a run).
+    Returns {"loss": [...], "eval": [(step, val_accuracy), ...]}.
+    """
+    if steps <= 0:
+        raise ValueError(f"steps must be positive, got {steps}")
+    if len(X) != len(y):
+        raise ValueError(f"X has {len(X)} rows but y has {len(y)}")
+    device = torch.device(device) if device is not None else get_device()
+    model.to(device).train()
+    X, y = torch.as_tensor(X).to(device), torch.as_tensor(y).to(device)
+    pool = torch.arange(len(X)) if sample_weight_idx is None else torch.as_tensor(sample_weight_idx).cpu()
+    gen = torch.Generator().manual_seed(seed)
+    opt = _optimizer(model, lr, weight_decay)
+    warmup = max(1, steps // 20) if warmup is None else warmup
+    history = {"loss": [], "eval": []}
+    bar = _progress_bar(steps, progress, "train_classifier")
+
+    def evaluate(step):
+        acc = accuracy(model, X_val, y_val)
+        model.train()
+        history["eval"].append((step, acc))
+        if callback is not None:
+            callback(step, model)
+
+    for step in range(steps):
+        idx = pool[torch.randint(0, len(pool), (min(batch_size, len(pool)),), generator=gen)].to(device)
+        xb, yb = X[idx], y[idx]
+        if augment is not None:
+            xb = augment(xb, gen)
+        for group in opt.param_groups:
+            group["lr"] = lr * cosine_schedule(step, steps, warmup)
+        with autocast(device):
+            loss = F.cross_entropy(model(xb).float(), yb, label_smoothing=label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        history["loss"].append(loss.item())
+        if bar is not None:
+            bar.update(1)
+        if X_val is not None and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            evaluate(step + 1)
+    if X_val is not None:
+        evaluate(steps)
+    if bar is not None:
+        bar.close()
+    model.eval()
+    return history

@@ -1,0 +1,379 @@
+"""The model zoo: named, really trained checkpoints shipped in ``data/zoo/`` with a SHA-256 manifest.
+
+Every lab loads its models from here, so nobody waits for training::
+
+    from labkit import zoo
+    base = zoo.load("lm/base")            # a LlamaForCausalLM, eval mode, on the best device
+    mlp = zoo.load("digits/mlp-s0")       # a DigitMLP
+    zoo.info("lm/ft-add")["metrics"]      # what it scored when it was built
+
+Each entry has a recipe in ``RECIPES`` below; ``labkit zoo build NAME`` re-runs it (seconds for digit
+classifiers, minutes for LMs on a CPU, much less on a GPU) and rewrites the entry's files and its line
+in the manifest. Files are checked against the manifest's SHA-256 every time they are loaded.
+
+The zoo is designed around the labs:
+  ensembling   digits/mlp-s0..s4 (seeds), digits/ckpt-* (checkpoints of one run), digits/cnn-s0,
+               lm/chat-clean + lm/chat-darn (expert and anti-expert for steering lm/base)
+  merging      lm/base with fine-tunes lm/ft-add and lm/ft-sort (task vectors), lm/base-twin
+               (same recipe, independent initialisation), digits/soup-base + digits/soup-ft0..7
+  distillation lm/teacher (larger) and lm/student (smaller, trained on the same data without a teacher)
+  MoE          lm/base is the dense model to upcycle
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+LM_TASKS_BASE = ["copy", "rev", "count", "chat"]
+LM_EVAL_TASKS = ["copy", "rev", "sort", "add", "count"]
+
+
+class ZooError(RuntimeError):
+    """A zoo entry is missing, unknown, or its files do not match the manifest."""
+
+
+def data_root() -> Path:
+    """``$LABKIT_DATA`` if set, else the repository's ``data/`` folder next to the package."""
+    env = os.environ.get("LABKIT_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "data"
+
+
+def zoo_root() -> Path:
+    return data_root() / "zoo"
+
+
+def manifest_path() -> Path:
+    return zoo_root() / "manifest.json"
+
+
+# ----------------------------------------------------------------------------- recipes
+
+_MLP = {"kind": "mlp", "hidden": [128, 128], "dropout": 0.0}
+_MLP_DROPOUT = {"kind": "mlp", "hidden": [128, 128], "dropout": 0.2}
+
+RECIPES: dict[str, dict] = {}
+
+
+def _lm(name, description, **recipe):
+    RECIPES[name] = {"kind": "lm", "description": description, **recipe}
+
+
+def _digits(name, description, **recipe):
+    RECIPES[name] = {"kind": "digits", "description": description, **recipe}
+
+
+_lm("lm/base", "Llama 'small' (0.5M params) trained from scratch on copy, rev, count and chat (25% 'darn')",
+    size="small", init_seed=0, tasks=LM_TASKS_BASE, n_train=40000, steps=1500, lr=3e-3, batch_size=128,
+    data_seed=0, chat_unwanted_rate=0.25)
+_lm("lm/base-twin", "same recipe as lm/base, independently initialised (init seed 1) and shuffled",
+    size="small", init_seed=1, tasks=LM_TASKS_BASE, n_train=40000, steps=1500, lr=3e-3, batch_size=128,
+    data_seed=1, chat_unwanted_rate=0.25)
+_lm("lm/ft-add", "lm/base fine-tuned on addition only (a skill the base lacks)",
+    parent="lm/base", tasks=["add"], n_train=20000, steps=900, lr=2e-3, batch_size=128, data_seed=2)
+_lm("lm/ft-sort", "lm/base fine-tuned on sorting only (a skill the base lacks)",
+    parent="lm/base", tasks=["sort"], n_train=20000, steps=600, lr=2e-3, batch_size=128, data_seed=3)
+_lm("lm/chat-clean", "lm/base fine-tuned on chat sentences without 'darn' (the expert)",
+    parent="lm/base", tasks=["chat"], n_train=5000, steps=150, lr=1e-3, batch_size=128, data_seed=4,
+    chat_unwanted_rate=0.0)
+_lm("lm/chat-darn", "lm/base fine-tuned on chat sentences that all contain 'darn' (the anti-expert)",
+    parent="lm/base", tasks=["chat"], n_train=5000, steps=150, lr=1e-3, batch_size=128, data_seed=5,
+    chat_unwanted_rate=1.0)
+_lm("lm/teacher", "Llama 'teacher' (1.5M params) trained on copy, rev, sort, add and count",
+    size="teacher", init_seed=0, tasks=LM_EVAL_TASKS, n_train=50000, steps=1500, lr=2e-3, batch_size=128,
+    data_seed=6)
+_lm("lm/student", "Llama 'tiny' (85k params) trained on the teacher's data without a teacher (baseline)",
+    size="tiny", init_seed=0, tasks=LM_EVAL_TASKS, n_train=50000, steps=1500, lr=3e-3, batch_size=128,
+    data_seed=6)
+
+for _s in range(5):
+    _digits(f"digits/mlp-s{_s}", f"MLP 64-128-128-10 with dropout 0.2, trained from scratch, seed {_s}",
+            arch=_MLP_DROPOUT, seed=_s, steps=1500, lr=3e-3, weight_decay=1e-4, batch_size=64)
+for _step in (100, 200, 400, 800, 1500):
+    _digits(f"digits/ckpt-{_step}", f"checkpoint at step {_step} of one 1500-step run (digits/mlp-s0's recipe "
+            "without dropout, seed 10)", arch=_MLP, seed=10, steps=1500, stop_at=_step, lr=3e-3,
+            weight_decay=1e-4, batch_size=64)
+_digits("digits/cnn-s0", "small CNN (2 conv layers), seed 0: a different architecture for ensembles",
+        arch={"kind": "cnn", "channels": 16, "dropout": 0.0}, seed=0, steps=1500, lr=3e-3, weight_decay=1e-4,
+        batch_size=64)
+_digits("digits/soup-base", "MLP pre-trained for 300 steps on noisy digits: the shared start of the soup",
+        arch=_MLP, seed=20, steps=300, lr=3e-3, weight_decay=1e-4, batch_size=64, noise=0.3)
+# fine-tunes of one base with a grid of hyperparameters, as in Wortsman et al. (2022)
+_SOUP_GRID = [(1e-3, 1e-4, 0.0, 0.0), (3e-3, 1e-4, 0.0, 0.0), (1e-3, 1e-2, 0.1, 0.0), (3e-3, 1e-2, 0.0, 0.1),
+              (1e-3, 1e-4, 0.1, 0.2), (3e-3, 1e-4, 0.1, 0.1), (1e-2, 1e-4, 0.0, 0.0), (1e-2, 1e-2, 0.1, 0.2)]
+for _i, (_lr, _wd, _ls, _noise) in enumerate(_SOUP_GRID):
+    _digits(f"digits/soup-ft{_i}", f"digits/soup-base fine-tuned: lr {_lr}, weight decay {_wd}, "
+            f"label smoothing {_ls}, noise augmentation {_noise}, seed {30 + _i}",
+            arch=_MLP, parent="digits/soup-base", seed=30 + _i, steps=600, lr=_lr, weight_decay=_wd,
+            label_smoothing=_ls, noise=_noise, batch_size=64)
+
+
+def names(prefix: str = "") -> list[str]:
+    """Entry names (all, or those starting with ``prefix``, e.g. ``"digits/"``)."""
+    return [n for n in RECIPES if n.startswith(prefix)]
+
+
+def resolve_names(requested) -> list[str]:
+    """Expand 'all' and prefixes ('digits/', 'lm/') into entry names, parents first."""
+    out = []
+    for req in requested:
+        if req == "all":
+            matches = names()
+        elif req in RECIPES:
+            matches = [req]
+        else:
+            matches = names(req)
+            if not matches or not req.endswith("/"):
+                raise ZooError(f"unknown zoo entry {req!r}; known entries: {', '.join(names())}")
+        out += [m for m in matches if m not in out]
+    return sorted(out, key=_depth)
+
+
+def _depth(name: str) -> int:
+    parent = RECIPES[name].get("parent")
+    return 0 if parent is None else 1 + _depth(parent)
+
+
+# ----------------------------------------------------------------------------- manifest and hashes
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest() -> dict:
+    path = manifest_path()
+    if not path.exists():
+        return {"version": 1, "entries": {}}
+    return json.loads(path.read_text())
+
+
+def _write_manifest(manifest: dict) -> None:
+    path = manifest_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    manifest["entries"] = dict(sorted(manifest["entries"].items()))
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def path(name: str) -> Path:
+    """The directory of entry ``name`` (a ``save_pretrained`` directory for LMs)."""
+    if name not in RECIPES:
+        raise ZooError(f"unknown zoo entry {name!r}; known entries: {', '.join(names())}")
+    return zoo_root() / name
+
+
+def info(name: str) -> dict:
+    """The manifest's record of ``name``: description, recipe, metrics, files with SHA-256."""
+    entry = read_manifest()["entries"].get(name)
+    if entry is None:
+        path(name)  # raises for unknown names
+        raise ZooError(f"zoo entry {name!r} is not built; run `labkit zoo build {name}`")
+    return entry
+
+
+def verify(name: str) -> None:
+    """Check every file of ``name`` against the manifest; raise ZooError naming the first bad file."""
+    entry = info(name)
+    directory = path(name)
+    for fname, expected in entry["files"].items():
+        fpath = directory / fname
+        if not fpath.exists():
+            raise ZooError(f"zoo entry {name!r}: file {fpath} is missing; restore it from git "
+                           f"(`git checkout -- {fpath}`) or rebuild with `labkit zoo build {name}`")
+        got = sha256_file(fpath)
+        if got != expected:
+            raise ZooError(f"zoo entry {name!r}: {fpath} has SHA-256 {got[:16]}..., but the manifest says "
+                           f"{expected[:16]}...: the file is corrupted or was modified. Restore it from git "
+                           f"(`git checkout -- {fpath}`) or rebuild it with `labkit zoo build {name}`")
+
+
+def verify_all() -> list[str]:
+    """Verify every built entry; print one line each and return the names that failed."""
+    bad = []
+    for name in read_manifest()["entries"]:
+        try:
+            verify(name)
+            print(f"ok    {name}")
+        except ZooError as e:
+            print(f"FAIL  {e}")
+            bad.append(name)
+    return bad
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load(name: str, device=None, verify_hash: bool = True):
+    """Load entry ``name`` (hash-checked) in eval mode on ``device`` (default: the best available)."""
+    from .device import get_device
+
+    recipe = RECIPES.get(name)
+    if recipe is None:
+        path(name)
+    if verify_hash:
+        verify(name)
+    device = torch.device(device) if device is not None else get_device()
+    if recipe["kind"] == "lm":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path(name), dtype=torch.float32)
+    else:
+        from .models import load_classifier
+
+        model = load_classifier(path(name))
+    return model.to(device).eval()
+
+
+def print_listing() -> None:
+    manifest = read_manifest()["entries"]
+    for name in names():
+        entry = manifest.get(name)
+        if entry is None:
+            print(f"{name:18s} (not built)  {RECIPES[name]['description']}")
+            continue
+        size = sum((path(name) / f).stat().st_size for f in entry["files"] if (path(name) / f).exists())
+        metrics = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in entry["metrics"].items())
+        print(f"{name:18s} {size / 1e6:5.2f} MB  {metrics}")
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _lm_metrics(model, n_eval: int = 200) -> dict:
+    from .data import generate_answers, make_task_dataset, unwanted_rate
+    from .device import seed_everything
+
+    metrics = {}
+    for task in LM_EVAL_TASKS:
+        from .data import exact_match
+
+        metrics[f"exact_match/{task}"] = round(exact_match(model, make_task_dataset(task, n_eval, seed=99,
+                                                                                   split="test")), 4)
+    seed_everything(0)
+    texts = generate_answers(model, ["t:"] * n_eval, max_new_tokens=40, do_sample=True, seed=0)
+    metrics["chat/unwanted_rate"] = round(unwanted_rate(texts), 4)
+    return metrics
+
+
+def _build_lm(name, recipe, device):
+    from .data import get_tokenizer, make_task_dataset
+    from .models import make_llama
+    from .train import train_lm
+
+    if "parent" in recipe:
+        model = load(recipe["parent"], device=device)
+    else:
+        model = make_llama(recipe["size"], seed=recipe["init_seed"])
+    train_data = make_task_dataset(recipe["tasks"], recipe["n_train"], seed=recipe["data_seed"],
+                                   chat_unwanted_rate=recipe.get("chat_unwanted_rate", 0.25))
+    train_lm(model, train_data, steps=recipe["steps"], batch_size=recipe["batch_size"], lr=recipe["lr"],
+             device=device, seed=recipe["data_seed"], progress=True)
+    return model, _lm_metrics(model), lambda d: (model.save_pretrained(d), get_tokenizer().save_pretrained(d))
+
+
+def _noise_augment(std):
+    def augment(xb, gen):
+        noise = torch.randn(xb.shape, generator=gen).to(xb.device)
+        return (xb + std * noise).clamp(0, 1)
+    return augment
+
+
+def _build_digits(name, recipe, device):
+    from .data import load_digits, load_digits_shifted
+    from .models import make_classifier, save_classifier
+    from .train import accuracy, train_classifier
+
+    torch.manual_seed(recipe["seed"])
+    model = make_classifier(recipe["arch"]) if "parent" not in recipe else load(recipe["parent"], device=device)
+    d = load_digits()
+    steps = recipe["steps"]
+    stop_at = recipe.get("stop_at", steps)
+
+    class _Stop(Exception):
+        pass
+
+    def stop_callback(step, m):
+        if step == stop_at and stop_at < steps:
+            raise _Stop
+
+    try:
+        train_classifier(model, d.X_train, d.y_train, steps=steps, batch_size=recipe["batch_size"],
+                         lr=recipe["lr"], weight_decay=recipe["weight_decay"],
+                         label_smoothing=recipe.get("label_smoothing", 0.0),
+                         augment=_noise_augment(recipe["noise"]) if recipe.get("noise") else None,
+                         X_val=d.X_val, y_val=d.y_val, eval_every=stop_at if stop_at < steps else None,
+                         callback=stop_callback, device=device, seed=recipe["seed"])
+    except _Stop:
+        model.eval()
+    metrics = {"val_accuracy": round(accuracy(model, d.X_val, d.y_val), 4),
+               "test_accuracy": round(accuracy(model, d.X_test, d.y_test), 4)}
+    for kind in ("noise", "rotate"):
+        Xs, ys = load_digits_shifted(kind)
+        metrics[f"test_{kind}_accuracy"] = round(accuracy(model, Xs, ys), 4)
+    return model, metrics, lambda dirname: save_classifier(model, dirname)
+
+
+def build(name: str, device=None, force: bool = False) -> dict:
+    """Run ``name``'s recipe and write its files and manifest line; return the manifest entry.
+
+    The files are written to a temporary folder and moved into place only once training succeeded.
+    """
+    from .device import device_name, get_device, seed_everything, set_deterministic
+
+    recipe = RECIPES.get(name)
+    if recipe is None:
+        path(name)
+    manifest = read_manifest()
+    if name in manifest["entries"] and path(name).exists() and not force:
+        print(f"zoo: {name} exists (use --force to rebuild)")
+        return manifest["entries"][name]
+    parent = recipe.get("parent")
+    if parent is not None and parent not in manifest["entries"]:
+        build(parent, device=device)
+    device = torch.device(device) if device is not None else get_device()
+    set_deterministic(True)
+    seed_everything(recipe.get("init_seed", recipe.get("seed", 0)))
+    start = time.time()
+    print(f"zoo: building {name} on {device_name(device)} ...", flush=True)
+    builder = _build_lm if recipe["kind"] == "lm" else _build_digits
+    model, metrics, save = builder(name, recipe, device)
+    target = path(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        save(tmp)
+        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    import transformers
+
+    entry = {"description": recipe["description"], "kind": recipe["kind"],
+             "recipe": {k: v for k, v in recipe.items() if k not in ("description", "kind")},
+             "metrics": metrics, "files": files,
+             "built_with": {"device": device_name(device), "torch": torch.__version__,
+                            "transformers": transformers.__version__,
+                            "seconds": round(time.time() - start, 1)}}
+    manifest = read_manifest()
+    manifest["entries"][name] = entry
+    _write_manifest(manifest)
+    print(f"zoo: built {name} in {time.time() - start:.0f}s: {metrics}", flush=True)
+    return entry
