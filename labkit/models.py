@@ -145,3 +145,41 @@ def load_classifier(directory, device=None) -> nn.Module:
     model = make_classifier(json.loads((directory / "classifier.json").read_text()))
     model.load_state_dict(load_file(str(directory / "model.safetensors")))
     return model.to(device) if device is not None else model
+
+
+# ----------------------------------------------------------------------------- Hugging Face checkpoints
+
+
+def load_pretrained(name_or_path, device=None, dtype=None, allow_download: bool | None = None):
+    """Load a causal LM and its tokenizer from a local ``save_pretrained`` folder or a Hub id.
+
+    The kit is offline by default: a Hub id is looked up only in the local cache unless
+    ``allow_download=True`` (or ``LABKIT_ALLOW_DOWNLOAD=1``), which Colab users set to try bigger models.
+    Returns ``(model, tokenizer)``; the tokenizer is None when the folder has none.
+    """
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .device import get_device
+
+    if allow_download is None:
+        allow_download = os.environ.get("LABKIT_ALLOW_DOWNLOAD", "") == "1"
+    local = Path(name_or_path).exists()
+    if not local and not allow_download:
+        hint = "" if "/" in str(name_or_path) else " (a Hub id looks like 'org/name')"
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=True, dtype=dtype)
+        except OSError as e:
+            raise FileNotFoundError(
+                f"{name_or_path!r} is neither a local folder nor in the Hugging Face cache{hint}; labkit does "
+                "not download by default: pass allow_download=True or set LABKIT_ALLOW_DOWNLOAD=1") from e
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=not allow_download,
+                                                     dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=not allow_download)
+    except (OSError, ValueError):
+        tokenizer = None
+    device = torch.device(device) if device is not None else get_device()
+    return model.to(device).eval(), tokenizer

@@ -353,3 +353,17 @@ def test_bench_table_and_errors(tmp_path):
     t = bench.time_fn(lambda: sum(range(100)), warmup=1, repeat=3, device="cpu")
     assert t["samples"] >= 3 and t["min_s"] <= t["median_s"]
     assert bench.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_load_pretrained_local_dir_and_offline_refusal(tmp_path, monkeypatch):
+    m = models.make_llama("tiny", seed=2)
+    m.save_pretrained(tmp_path / "m")
+    data.get_tokenizer().save_pretrained(tmp_path / "m")
+    loaded, tok = models.load_pretrained(tmp_path / "m", device="cpu")
+    x = torch.tensor([[1, 8, 9]])
+    torch.testing.assert_close(loaded(x).logits, m(x).logits)
+    assert tok("c:ab=")["input_ids"] == data.get_tokenizer()("c:ab=")["input_ids"]
+    monkeypatch.delenv("LABKIT_ALLOW_DOWNLOAD", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="does not download by default"):
+        models.load_pretrained("labkit-nonexistent/model-xyz")
