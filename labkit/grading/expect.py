@@ -253,7 +253,9 @@ def expect_raises(exc_type, fn, *args, what: str = "", **kwargs) -> BaseExceptio
     except NotImplementedError:
         raise
     except Exception as e:  # noqa: BLE001 - any other exception is the wrong answer
-        raise CheckFailure(f"expected {name}{label}, got {type(e).__name__}: {_short(str(e), 120)}") from None
+        msg = " ".join(str(e).split())
+        msg = msg if len(msg) <= 120 else msg[:117] + "..."
+        raise CheckFailure(f"expected {name}{label}, got {type(e).__name__}: {msg}") from None
     raise CheckFailure(f"expected {name}{label}, but nothing was raised")
 
 

@@ -1,0 +1,429 @@
+"""``labkit grade``: execute submissions and score every question of their notebook.
+
+Per submission (in parallel, one process and one fresh kernel each):
+  1. copy the file into a temporary folder (the submission itself is only ever read);
+  2. run its code cells in order, each with the per-cell timeout (an endless cell is interrupted and
+     the next cell runs) and all of them within the per-notebook budget; errors do not stop the run;
+  3. in the same kernel, run each question of that notebook (visible + hidden cases) against the
+     function of that name in the notebook's namespace, one question per execution, each with the
+     per-cell timeout: a crash, a wrong answer, a missing function or an endless loop costs that
+     question only. A kernel that dies or ignores interrupts is restarted and the cells that ran
+     fine are replayed before grading goes on.
+Then grades.csv (one row per submission: points per question, total, max) and one markdown feedback
+file per submission are written, and a one-line summary is printed.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import multiprocessing
+import os
+import secrets
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+
+_MARK = "@@labkit-grade@@"
+_PROBE_TIMEOUT = 15.0  # seconds a kernel gets to answer "pass" after an interrupt before it is restarted
+
+
+class GradeError(Exception):
+    """A submission that cannot be graded (unreadable, unknown notebook, no questions)."""
+
+
+@dataclass
+class Submission:
+    path: Path
+    student: str
+    notebook: str
+    raw: bytes
+    questions: list[dict] = field(default_factory=list)  # [{"qid", "function", "points"}]
+
+
+# ----------------------------------------------------------------------------------------------
+# Which notebook is this?
+
+
+def identify_notebook(nb, path: str | Path, known: list[str]) -> str:
+    """The notebook stem of a submission: its ``labkit.notebook`` metadata, else its file name.
+
+    The file name matches when it equals a known stem or contains one (e.g. "alice_00_welcome").
+    """
+    from .notebook_tools import notebook_name
+
+    name = notebook_name(nb)
+    if name:
+        if name not in known:
+            raise GradeError(f"{path}: its metadata names notebook {name!r}, which has no questions in the bank "
+                             f"(known: {', '.join(known) or 'none'})")
+        return name
+    stem = Path(path).stem
+    if stem in known:
+        return stem
+    hits = sorted((k for k in known if k in stem), key=len, reverse=True)
+    if hits:
+        return hits[0]
+    raise GradeError(f"{path}: cannot tell which notebook this is: no labkit metadata, and the file name matches "
+                     f"none of {', '.join(known) or 'no known notebooks'}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inside the kernel
+
+
+def _kernel_question(qid: str, function: str, nonce: str) -> None:
+    """Run one question against the notebook's namespace and print its result as one JSON line."""
+    try:
+        from IPython import get_ipython
+
+        ns = get_ipython().user_ns
+    except Exception:  # noqa: BLE001 - not in IPython: the __main__ module's globals
+        import __main__
+
+        ns = vars(__main__)
+    from labkit.grading.questions import get_question, run_question
+
+    if function not in ns:
+        q = get_question(qid)
+        payload = {"qid": qid, "status": "missing", "points": 0.0, "max_points": q.points, "cases": [],
+                   "passed": 0, "total": len(q.cases(hidden=True)),
+                   "message": f"`{function}` is not defined in the notebook (did the cell defining it run without error?)"}
+    else:
+        payload = {"status": "ran", "message": "", **run_question(qid, ns[function], hidden=True).to_dict()}
+    print(f"\n{_MARK}{nonce} {json.dumps(payload)}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# One kernel, driven cell by cell
+
+
+class _Kernel:
+    """A fresh ipykernel in ``workdir``; ``run(source, timeout)`` -> (status, outputs, reply content)."""
+
+    def __init__(self, workdir: str, log_path: str):
+        self.workdir, self.log_path = workdir, log_path
+        self.client = None
+        self.restarts = 0
+
+    def start(self) -> None:
+        from nbclient import NotebookClient
+
+        self._timeout = None
+        self._reply: dict = {}
+        self.client = NotebookClient(
+            nbformat.v4.new_notebook(), kernel_name="python3", allow_errors=True, interrupt_on_timeout=True,
+            error_on_timeout={"ename": "LabkitCellTimeout", "evalue": "", "traceback": []},
+            timeout_func=lambda cell: self._timeout, startup_timeout=180, iopub_timeout=5,
+            shutdown_kernel="immediate", record_timing=False, resources={"metadata": {"path": self.workdir}},
+            on_cell_executed=lambda cell, cell_index, execute_reply: self._reply.update(execute_reply or {}),
+        )
+        self.client.km = self.client.create_kernel_manager()
+        env = dict(os.environ, PYDEVD_DISABLE_FILE_VALIDATION="1", LABKIT_GRADING="1")
+        # the kernel's own stderr (startup chatter, C-level crash messages) goes to a log, not the console
+        self._log = open(self.log_path, "ab")
+        self.client.start_new_kernel(env=env, stdout=self._log, stderr=self._log)
+        self.client.start_new_kernel_client()
+
+    def stop(self) -> None:
+        if self.client is not None and self.client.km is not None:
+            try:
+                self.client._cleanup_kernel()
+            except Exception:  # noqa: BLE001 - a dead kernel may not clean up politely; it is gone anyway
+                pass
+        self.client = None
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
+
+    def log_tail(self, n: int = 3) -> str:
+        """The last lines the kernel wrote to stderr (why it died, when it says so)."""
+        try:
+            lines = [ln for ln in Path(self.log_path).read_text(errors="replace").splitlines()
+                     if ln.strip() and "over TCP without encryption" not in ln]
+        except OSError:
+            return ""
+        return " | ".join(lines[-n:])
+
+    def restart(self) -> None:
+        self.stop()
+        self.restarts += 1
+        self.start()
+
+    def run(self, source: str, timeout: float) -> tuple[str, list, dict]:
+        from nbclient.exceptions import DeadKernelError
+
+        cell = nbformat.v4.new_code_cell(source)
+        self.client.nb.cells = [cell]
+        self._timeout, self._reply = max(1.0, float(timeout)), {}
+        try:
+            self.client.execute_cell(cell, 0)
+        except DeadKernelError:
+            return "dead", list(cell.get("outputs", [])), {}
+        content = self._reply.get("content", {})
+        if content.get("status") == "error":
+            return ("timeout" if content.get("ename") == "LabkitCellTimeout" else "error"), list(cell.outputs), content
+        return "ok", list(cell.outputs), content
+
+    def responsive(self) -> bool:
+        """After an interrupt: does the kernel answer again, or is it stuck (the code ignored the interrupt)?"""
+        status, _, _ = self.run("pass", _PROBE_TIMEOUT)
+        return status == "ok"
+
+
+def _stdout(outputs: list) -> str:
+    return "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream" and o.get("name") == "stdout")
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def grade_one(sub: dict, cell_timeout: float, timeout: float, executed_dir: str | None = None) -> dict:
+    """Grade one submission (``sub``: student, notebook, name, raw bytes, questions); returns a plain dict.
+
+    Runs in a worker process. The submission's bytes are written to a temporary copy; the original file
+    is never opened for writing.
+    """
+    t0 = time.monotonic()
+    notes: list[str] = []
+    results: dict[str, dict] = {}
+    nb = nbformat.reads(sub["raw"].decode("utf-8"), as_version=4)
+    nonce = secrets.token_hex(8)
+    with tempfile.TemporaryDirectory(prefix="labkit-grade-") as tmp:
+        workdir = Path(tmp) / "work"
+        workdir.mkdir()
+        (workdir / sub["name"]).write_bytes(sub["raw"])  # the copy the student code sees
+        kernel = _Kernel(str(workdir), str(Path(tmp) / "kernel.log"))
+        try:
+            kernel.start()
+        except Exception as e:  # noqa: BLE001 - no kernel: nothing can be graded
+            return {**_blank(sub, f"could not start a kernel: {type(e).__name__}: {e}"), "seconds": time.monotonic() - t0}
+        ok_sources: list[str] = []
+
+        def recover(why: str) -> None:
+            """Restart a dead or stuck kernel and replay the cells that had run fine."""
+            tail = kernel.log_tail()
+            if tail:
+                why += f" (kernel said: {_one_line(tail, 200)})"
+            notes.append(f"{why}; the kernel was restarted and the {len(ok_sources)} cell(s) that had run fine were replayed")
+            kernel.restart()
+            for src in ok_sources:
+                kernel.run(src, cell_timeout)
+
+        try:
+            deadline = t0 + timeout
+            code_cells = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.strip()]
+            for i, cell in code_cells:
+                label = f"cell {i + 1}"
+                remaining = deadline - time.monotonic()
+                if remaining <= 1:
+                    notes.append(f"{label} and the cells after it were not run: the notebook used up its {timeout:g} s budget")
+                    break
+                limit = min(cell_timeout, remaining)
+                status, outputs, content = kernel.run(cell.source, limit)
+                cell.outputs = outputs
+                if status == "ok":
+                    ok_sources.append(cell.source)
+                elif status == "error":
+                    notes.append(f"{label} raised {content.get('ename')}: {_one_line(content.get('evalue', ''))}")
+                elif status == "timeout":
+                    notes.append(f"{label} was stopped after {limit:g} s (an endless loop?); the cells after it still ran")
+                    if not kernel.responsive():
+                        recover(f"{label} ignored the interrupt")
+                else:
+                    recover(f"the kernel died while running {label}")
+            for q in sub["questions"]:
+                src = (f"__import__('labkit.grading.grade', fromlist=['_'])._kernel_question("
+                       f"{q['qid']!r}, {q['function']!r}, {nonce!r})")
+                status, outputs, content = kernel.run(src, cell_timeout)
+                res = None
+                for line in _stdout(outputs).splitlines():
+                    if line.startswith(f"{_MARK}{nonce} "):
+                        res = json.loads(line.split(" ", 1)[1])
+                if status == "timeout":
+                    res = _failed(q, "timeout", f"stopped after {cell_timeout:g} s: the answer did not finish (an endless loop?)")
+                    if not kernel.responsive():
+                        recover(f"question {q['qid']} ignored the interrupt")
+                elif status == "dead":
+                    res = _failed(q, "dead", "the kernel died while testing this answer")
+                    recover(f"the kernel died while testing {q['qid']}")
+                elif res is None:
+                    why = (f"{content.get('ename')}: {_one_line(content.get('evalue', ''))}" if status == "error"
+                           else "no result came back")
+                    res = _failed(q, "error", f"testing this answer failed: {why}")
+                results[q["qid"]] = res
+        finally:
+            kernel.stop()
+    if executed_dir:
+        try:
+            nbformat.write(nb, str(Path(executed_dir) / f"{sub['student']}.ipynb"))
+        except Exception as e:  # noqa: BLE001 - the executed copy is a convenience; grades matter more
+            notes.append(f"could not save the executed copy: {e}")
+    return {"student": sub["student"], "notebook": sub["notebook"], "results": results, "notes": notes,
+            "error": None, "seconds": time.monotonic() - t0}
+
+
+def _failed(q: dict, status: str, message: str) -> dict:
+    return {"qid": q["qid"], "status": status, "message": message, "points": 0.0, "max_points": q["points"],
+            "passed": 0, "total": 0, "cases": []}
+
+
+def _blank(sub: dict, error: str) -> dict:
+    return {"student": sub["student"], "notebook": sub["notebook"], "notes": [], "error": error,
+            "results": {q["qid"]: _failed(q, "error", error) for q in sub["questions"]}}
+
+
+def _grade_star(args):
+    return grade_one(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports
+
+
+def _pts(x: float) -> str:
+    return f"{round(float(x), 2):g}"
+
+
+def feedback_markdown(graded: dict, questions: list[dict]) -> str:
+    """The feedback file of one submission: total, a table per question, each case's verdict, run notes."""
+    res = graded["results"]
+    total = sum(r["points"] for r in res.values())
+    max_total = sum(q["points"] for q in questions)
+    lines = [f"# Feedback: {graded['student']} ({graded['notebook']})", "",
+             f"**Total: {_pts(total)} / {_pts(max_total)} points**", ""]
+    if graded.get("error"):
+        lines += [f"Grading failed: {graded['error']}", ""]
+    lines += ["| question | points | cases passed |", "|---|---|---|"]
+    for q in questions:
+        r = res[q["qid"]]
+        cases = f"{r['passed']}/{r['total']}" if r["total"] else "-"
+        lines.append(f"| {q['qid']} | {_pts(r['points'])} / {_pts(q['points'])} | {cases} |")
+    for q in questions:
+        r = res[q["qid"]]
+        lines += ["", f"## {q['qid']} (`{q['function']}`): {_pts(r['points'])} / {_pts(q['points'])}", ""]
+        if r.get("message"):
+            lines.append(r["message"])
+        if r["cases"] and all(c["status"] == "todo" for c in r["cases"]):
+            lines.append("Not implemented yet (the function still raises NotImplementedError).")
+        else:
+            for c in r["cases"]:
+                mark = "✓" if c["status"] == "pass" else "✗"
+                tag = " [hidden]" if c["hidden"] else ""
+                lines.append(f"- {mark} {c['name']}{tag}" + (f": {c['message']}" if c["message"] else ""))
+    if graded["notes"]:
+        lines += ["", "## Notes from running your notebook", ""] + [f"- {n}" for n in graded["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _write_reports(graded: list[dict], subs: dict[str, Submission], out: Path) -> Path:
+    qcols: list[str] = []
+    for g in graded:
+        for q in subs[g["student"]].questions:
+            if q["qid"] not in qcols:
+                qcols.append(q["qid"])
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "grades.csv"
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["student", "notebook", *qcols, "total", "max"])
+        for g in graded:
+            res, qs = g["results"], subs[g["student"]].questions
+            total = sum(r["points"] for r in res.values())
+            w.writerow([g["student"], g["notebook"], *(_pts(res[c]["points"]) if c in res else "" for c in qcols),
+                        _pts(total), _pts(sum(q["points"] for q in qs))])
+    fb = out / "feedback"
+    fb.mkdir(exist_ok=True)
+    for g in graded:
+        (fb / f"{g['student']}.md").write_text(feedback_markdown(g, subs[g["student"]].questions), encoding="utf-8")
+    return csv_path
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+
+
+def prepare(paths: list[str | Path]) -> tuple[list[Submission], list[str]]:
+    """Read and identify each submission; return (gradable submissions, "path: why" for the others)."""
+    from .questions import notebooks, questions_for
+
+    known = notebooks()
+    subs, problems, used = [], [], set()
+    for p in map(Path, paths):
+        try:
+            raw = p.read_bytes()
+        except OSError as e:
+            problems.append(f"{p}: cannot read it ({e.strerror or e})")
+            continue
+        try:
+            nb = nbformat.reads(raw.decode("utf-8"), as_version=4)
+        except Exception as e:  # noqa: BLE001 - broken JSON, wrong encoding, not a notebook
+            problems.append(f"{p}: not a readable notebook ({type(e).__name__}: {_one_line(e, 120)})")
+            continue
+        try:
+            name = identify_notebook(nb, p, known)
+        except GradeError as e:
+            problems.append(str(e))
+            continue
+        student, n = p.stem, 2
+        while student in used:  # two files with one stem in different folders
+            student, n = f"{p.stem}-{n}", n + 1
+        used.add(student)
+        qs = [{"qid": q.id, "function": q.function, "points": q.points} for q in questions_for(name)]
+        subs.append(Submission(p, student, name, raw, qs))
+    return subs, problems
+
+
+def grade(paths: list[str | Path], out: str | Path, cell_timeout: float = 120.0, timeout: float = 900.0,
+          jobs: int | None = None, save_executed: bool = True) -> tuple[list[dict], list[str], Path | None]:
+    """Grade submissions; return (graded dicts, problems, path of grades.csv or None)."""
+    out = Path(out)
+    subs, problems = prepare(paths)
+    hashes = {s.path: hashlib.sha256(s.raw).hexdigest() for s in subs}
+    executed = None
+    if save_executed and subs:
+        executed = out / "executed"
+        executed.mkdir(parents=True, exist_ok=True)
+    work = [({"student": s.student, "notebook": s.notebook, "name": s.path.name, "raw": s.raw,
+              "questions": s.questions}, cell_timeout, timeout, str(executed) if executed else None) for s in subs]
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(work) or 1))
+    if jobs == 1:
+        graded = [_grade_star(w) for w in work]
+    else:
+        # spawn: each worker starts clean (no inherited threads or torch state) and drives its own kernel
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            graded = list(pool.map(_grade_star, work))
+    for s in subs:  # belt and braces: grading must never change a submission
+        if s.path.exists() and hashlib.sha256(s.path.read_bytes()).hexdigest() != hashes[s.path]:
+            problems.append(f"{s.path}: the file changed while it was being graded (by something else)")
+    for g in graded:
+        if g.get("error"):
+            problems.append(f"{g['student']}: {g['error']}")
+    csv_path = _write_reports(graded, {s.student: s for s in subs}, out) if graded else None
+    return graded, problems, csv_path
+
+
+def grade_cli(args) -> int:
+    t0 = time.monotonic()
+    graded, problems, csv_path = grade(args.submissions, args.out, cell_timeout=args.cell_timeout,
+                                       timeout=args.timeout, jobs=getattr(args, "jobs", None))
+    for p in problems:
+        print(f"labkit grade: could not grade {p}", file=sys.stderr)
+    if graded:
+        totals = [sum(r["points"] for r in g["results"].values()) for g in graded]
+        nbs = ", ".join(sorted({g["notebook"] for g in graded}))
+        mx = max(sum(r["max_points"] for r in g["results"].values()) for g in graded)
+        print(f"graded {len(graded)} of {len(args.submissions)} submission(s) ({nbs}) in {time.monotonic() - t0:.0f} s: "
+              f"mean {sum(totals) / len(totals):.2f} / {_pts(mx)} points (min {_pts(min(totals))}, max {_pts(max(totals))})"
+              f" -> {csv_path}, {Path(args.out) / 'feedback'}/")
+    else:
+        print(f"graded 0 of {len(args.submissions)} submission(s)")
+    return 1 if problems else 0
+
