@@ -54,8 +54,8 @@ def record(key: str, value) -> None:
     _append({"type": "record", "key": key, "value": _plain(value), "time": time.time()})
 
 
-def claim(text: str, passed, detail: str = "") -> bool:
-    """Store whether a syllabus claim reproduced, print "claim ✓ text" (or ✗), and return it as a bool.
+def claim(text: str, passed, detail: str = "") -> None:
+    """Store whether a syllabus claim reproduced and print "claim ✓ text" (or "claim ✗ text").
 
     ``passed`` may be a bool, a NumPy bool or a one-element tensor; ``detail`` (numbers, kept out of the
     printed line) goes to the report.
@@ -67,7 +67,6 @@ def claim(text: str, passed, detail: str = "") -> bool:
     ok = bool(passed)
     _append({"type": "claim", "text": text, "passed": ok, "detail": str(detail), "time": time.time()})
     print(f"claim {'✓' if ok else '✗'} {text}")
-    return ok
 
 
 def entries() -> list[dict]:

@@ -8,6 +8,7 @@ random number generators seeded the same way and restored afterwards, and prints
 from __future__ import annotations
 
 import importlib
+import linecache
 import os
 import pkgutil
 import random
@@ -266,20 +267,27 @@ def _first_line(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def summarise_exception(exc: BaseException) -> str:
-    """One line about an exception raised while running a case: its type, message and the student's line."""
+def summarise_exception(exc: BaseException, case_fn: Callable | None = None) -> str:
+    """One line about an exception raised while running a case: its type, message and the student's line.
+
+    The student's line is the deepest frame outside the standard library, the installed packages,
+    labkit itself and the case function (``case_fn``, wherever it is defined).
+    """
     kind = type(exc).__name__
     msg = _first_line(str(exc))
-    frames = traceback.extract_tb(exc.__traceback__)
-    student = [f for f in frames if _is_student_frame(f.filename)]
+    case_code = getattr(case_fn, "__code__", None)
+    frames = []
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        code = frame.f_code
+        student = code is not case_code and _is_student_frame(code.co_filename)
+        frames.append((code.co_filename, lineno, code.co_name, student))
+    student = [f for f in frames if f[3]]
     if student:
-        f = student[-1]
-        code = f" `{f.line.strip()}`" if f.line else ""
-        return f"your code raised {kind}: {msg} (line {f.lineno} in {f.name}:{code})"
-    where = ""
-    if frames:
-        f = frames[-1]
-        where = f" in {Path(f.filename).name} line {f.lineno}"
+        filename, lineno, name, _ = student[-1]
+        line = linecache.getline(filename, lineno).strip()
+        code = f" `{line}`" if line else ""
+        return f"your code raised {kind}: {msg} (line {lineno} in {name}:{code})"
+    where = f" in {Path(frames[-1][0]).name} line {frames[-1][1]}" if frames else ""
     return (f"checking your answer raised {kind}: {msg}{where}; "
             f"does your function return the right kind of value?")
 
@@ -321,7 +329,7 @@ def run_case(name: str, case_fn: Callable, student_fn, hidden: bool = False) -> 
     except RecursionError as e:
         return CaseResult(name, "error", f"your code raised RecursionError: {_first_line(str(e))}", hidden)
     except Exception as e:  # noqa: BLE001 - the student's crash costs this case only
-        return CaseResult(name, "error", summarise_exception(e), hidden)
+        return CaseResult(name, "error", summarise_exception(e, case_fn), hidden)
     return CaseResult(name, "pass", "", hidden)
 
 
