@@ -84,10 +84,9 @@ def sort_by_expert(experts: torch.Tensor, num_experts: int):
     return perm, sorted_experts, offsets
 
 
-def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    return inv
+def _unsort(rows: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Undo a row permutation: out[perm[i]] = rows[i] (one scatter; its backward is a gather)."""
+    return rows.new_empty(rows.shape).index_copy(0, perm, rows)
 
 
 # ---------------------------------------------------------------------------------------- backends
@@ -125,7 +124,7 @@ def dispatch_sort(x, experts, weights, gate_up_proj, down_proj, capacity=None):
     h = swiglu(torch.bmm(buf[: E * C].view(E, C, D), gate_up_proj.transpose(1, 2)))  # [E, C, F]
     yb = torch.bmm(h, down_proj.transpose(1, 2)).reshape(E * C, D)  # [E*C, D]
     y_sorted = torch.cat([yb, yb.new_zeros(1, D)])[slot]  # [T*K, D], dropped pairs read zeros
-    y_slots = y_sorted[_inverse_permutation(perm)].view(T, K, D)
+    y_slots = _unsort(y_sorted, perm).view(T, K, D)
     return combine(y_slots, weights, x.dtype)
 
 
@@ -168,15 +167,17 @@ def dispatch_grouped(x, experts, weights, gate_up_proj, down_proj, capacity=None
     E = gate_up_proj.shape[0]
     perm, sorted_e, offsets = sort_by_expert(experts, E)
     offs = offsets.to(torch.int32)
-    # rows past offs[-1] (dropped pairs) are skipped by the kernel and left uninitialised, forward
-    # and backward: zero them on the way in (its backward zeroes their gradient) and on the way out
+    # rows past offs[-1] (dropped pairs) are skipped by the kernel and left uninitialised, in the
+    # forward and in the input gradient: zero the output rows, and zero the input rows when a gradient
+    # will flow (masked_fill's backward then zeroes theirs). Rows never mix, so h needs no mask.
     dropped = (sorted_e >= E).unsqueeze(-1)  # [T*K, 1]
-    xs = x[perm // K].masked_fill(dropped, 0.0)  # [T*K, D]
-    h = _contiguous_grad(_GROUPED_MM(xs, gate_up_proj.transpose(1, 2), offs=offs))  # [T*K, 2F]
-    h = swiglu(h.masked_fill(dropped, 0.0))
+    xs = x[perm // K]  # [T*K, D]
+    if xs.requires_grad:
+        xs = xs.masked_fill(dropped, 0.0)
+    h = swiglu(_contiguous_grad(_GROUPED_MM(xs, gate_up_proj.transpose(1, 2), offs=offs)))  # [T*K, F]
     y = _contiguous_grad(_GROUPED_MM(h, down_proj.transpose(1, 2), offs=offs))  # [T*K, D]
     y = y.masked_fill(dropped, 0.0)
-    y_slots = y[_inverse_permutation(perm)].view(T, K, D)
+    y_slots = _unsort(y, perm).view(T, K, D)
     return combine(y_slots, weights, x.dtype)
 
 
@@ -198,22 +199,34 @@ def dispatch_gather(x, experts, weights, gate_up_proj, down_proj, capacity=None)
 _FUNCTIONS = {"loop": dispatch_loop, "sort": dispatch_sort, "grouped": dispatch_grouped,
               "gather": dispatch_gather}
 
-# Measured on a 2-thread CPU (bench/results/moe-cpu-*.json): the loop of dense matmuls is the
-# fastest CPU path beyond a few tokens; gather wins only for single-token decoding.
-CPU_GATHER_MAX_PAIRS = 4
-# Not measured (no GPU in the session that wrote this): gpt-fast's weight gather for decode batches
-# of a few tokens, grouped GEMM above that.
+# CPU (measured, 1 thread, fp32, D=64..128, E=8..16, bench/results/moe-cpu-*.json): one grouped GEMM
+# is best or within noise of it everywhere when a backward follows (the loop's backward is a pile of
+# small ops); forward-only, the loop of dense matmuls catches up once experts get more than ~32 rows.
+# The padded sort and the weight gather never win on a CPU.
+CPU_GROUPED_MAX_PAIRS_PER_EXPERT = 32
+# CUDA (NOT measured: the session that wrote this had no GPU): grouped GEMM whenever torch has it for
+# the dtype (it reads each active expert's weights once, so it should also serve decoding); without it,
+# gpt-fast's weight gather for a handful of pairs, the sync-free padded sort while experts get few rows,
+# and the loop (E host syncs, dense matmuls) for large batches.
 CUDA_GATHER_MAX_PAIRS = 8
+CUDA_SORT_MAX_PAIRS_PER_EXPERT = 64
 
 
 def choose_backend(x: torch.Tensor, top_k: int, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> str:
-    """Pick a backend from the device, the dtype and the number of (token, expert) pairs."""
-    pairs = x.shape[0] * top_k
+    """Pick a backend from the device, the dtype, the number of (token, expert) pairs and whether a
+    backward pass will follow."""
+    pairs, num_experts = x.shape[0] * top_k, gate_up_proj.shape[0]
+    grouped = grouped_mm_supported(x, gate_up_proj, down_proj)
     if x.device.type == "cuda":
+        if grouped:
+            return "grouped"
         if pairs <= CUDA_GATHER_MAX_PAIRS:
             return "gather"
-        return "grouped" if grouped_mm_supported(x, gate_up_proj, down_proj) else "sort"
-    return "gather" if pairs <= CPU_GATHER_MAX_PAIRS else "loop"
+        return "sort" if pairs <= CUDA_SORT_MAX_PAIRS_PER_EXPERT * num_experts else "loop"
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or gate_up_proj.requires_grad)
+    if grouped and (needs_grad or pairs <= CPU_GROUPED_MAX_PAIRS_PER_EXPERT * num_experts):
+        return "grouped"
+    return "loop"
 
 
 def dispatch(x, experts, weights, gate_up_proj, down_proj, backend: str = "auto", capacity=None):
@@ -223,6 +236,10 @@ def dispatch(x, experts, weights, gate_up_proj, down_proj, backend: str = "auto"
     [E, 2F, D], down_proj [E, D, F]. ``capacity`` (rows per expert) only sizes the ``sort`` buffer.
     """
     check_dispatch_inputs(x, experts, weights, gate_up_proj, down_proj)
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        # do autocast's cast up front, so the experts' GEMMs (grouped_mm included) run in bf16/fp16
+        low = torch.get_autocast_dtype("cuda")
+        x, gate_up_proj, down_proj = x.to(low), gate_up_proj.to(low), down_proj.to(low)
     if backend == "auto":
         backend = choose_backend(x, experts.shape[1], gate_up_proj, down_proj)
     if backend not in _FUNCTIONS:
