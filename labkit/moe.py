@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .moe_dispatch import BACKENDS, dispatch, expert_flops, padded_capacity, sort_by_expert
+from .moe_dispatch import BACKENDS, combine, dispatch, expert_flops, padded_capacity, sort_by_expert
 
 __all__ = [
     "Routing", "router_logits", "softmax_topk", "topk_softmax", "noisy_logits", "sigmoid_topk",
@@ -44,6 +44,11 @@ def _check_logits(logits: torch.Tensor, k: int | None = None, name: str = "logit
         raise ValueError(f"top_k must be in [1, E={logits.shape[1]}], got {k}")
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """At least float32: bf16/fp16 router math is upcast, float64 stays float64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 # ------------------------------------------------------------------------------------------ routers
 @dataclass
 class Routing:
@@ -58,7 +63,7 @@ class Routing:
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Router logits in float32: x [T, D], weight [E, D] -> [T, E]. Low-precision logits make
     near-ties flip between experts, so routers always compute in float32 (as DeepSeek-V3 does)."""
-    return F.linear(x.float(), weight.float())
+    return F.linear(_f32(x), weight.to(_f32(x).dtype))
 
 
 def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool = True):
@@ -68,7 +73,7 @@ def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool = True):
     ``MixtralTopKRouter`` (and Qwen-MoE's with ``norm_topk_prob``).
     """
     _check_logits(logits, k)
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = torch.softmax(_f32(logits), dim=-1)
     weights, experts = torch.topk(probs, k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -79,7 +84,7 @@ def topk_softmax(logits: torch.Tensor, k: int):
     """Shazeer et al. (2017) routing: G(x) = softmax(KeepTopK(H(x), k)): the softmax runs over the k
     kept logits only. Same experts as ``softmax_topk``; the weights equal its renormalised ones."""
     _check_logits(logits, k)
-    top, experts = torch.topk(logits.float(), k, dim=-1)
+    top, experts = torch.topk(_f32(logits), k, dim=-1)
     return torch.softmax(top, dim=-1), experts
 
 
@@ -102,8 +107,8 @@ def sigmoid_topk(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None,
     steers selection (it is updated from the load, not learned); weights are the unbiased s of the
     chosen experts, renormalised and scaled. -> (weights [T, k] float32, experts [T, k] int64)."""
     _check_logits(logits, k)
-    scores = torch.sigmoid(logits.float())
-    choice = scores if bias is None else scores + bias.float()
+    scores = torch.sigmoid(_f32(logits))
+    choice = scores if bias is None else scores + bias.to(scores.dtype)
     _, experts = torch.topk(choice, k, dim=-1)
     weights = scores.gather(1, experts)
     if renormalize:
@@ -130,7 +135,7 @@ def expert_choice(logits: torch.Tensor, capacity: int):
     T, E = logits.shape
     if not 1 <= capacity <= T:
         raise ValueError(f"capacity must be in [1, T={T}], got {capacity}")
-    probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
+    probs = torch.softmax(_f32(logits), dim=-1)  # [T, E]
     gate, token = torch.topk(probs.t(), capacity, dim=-1)  # [E, C]
     chosen = torch.zeros(E, T, dtype=torch.bool, device=logits.device)
     chosen.scatter_(1, token, True)
@@ -158,17 +163,17 @@ def load_balancing_loss(router_logits, top_k: int, num_experts: int | None = Non
     for i, layer in enumerate(layers):
         _check_logits(layer, top_k, name=f"router_logits[{i}]")
     num_experts = num_experts or layers[0].shape[1]
-    logits = torch.cat([layer.to(layers[0].device) for layer in layers]).float()  # [L*T, E]
+    logits = _f32(torch.cat([layer.to(layers[0].device) for layer in layers]))  # [L*T, E]
     probs = torch.softmax(logits, dim=-1)
     if selected_experts is None:
         selected_experts = torch.topk(probs, top_k, dim=-1).indices
     elif selected_experts.shape[0] != logits.shape[0]:
         raise ValueError(f"selected_experts has {selected_experts.shape[0]} rows, router_logits {logits.shape[0]}")
-    counts = F.one_hot(selected_experts.long(), num_experts + 1)[..., :num_experts].sum(1).float()  # [L*T, E]
+    counts = F.one_hot(selected_experts.long(), num_experts + 1)[..., :num_experts].sum(1).to(logits.dtype)
     if attention_mask is None:
-        mask = torch.ones(logits.shape[0], device=logits.device)
+        mask = torch.ones(logits.shape[0], device=logits.device, dtype=logits.dtype)
     else:
-        mask = attention_mask.reshape(-1).to(logits.device, torch.float32).repeat(len(layers))
+        mask = attention_mask.reshape(-1).to(logits.device, logits.dtype).repeat(len(layers))
         if mask.numel() != logits.shape[0]:
             raise ValueError(f"attention_mask has {attention_mask.numel()} tokens, router_logits "
                              f"{logits.shape[0] // len(layers)} per layer")
@@ -182,7 +187,7 @@ def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
     """Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): mean_t (log sum_e exp logits_te)^2. Keeps
     router logits small, which keeps the float32 softmax stable and training from diverging."""
     _check_logits(router_logits, name="router_logits")
-    return torch.logsumexp(router_logits.float(), dim=-1).pow(2).mean()
+    return torch.logsumexp(_f32(router_logits), dim=-1).pow(2).mean()
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -651,7 +656,7 @@ With a capacity factor, each rank's tokens are one routing group (capacity per g
         y_back = _AllToAll.apply(y_local, in_splits, out_splits, self.group)  # [n_send, D]
         y_sorted = torch.cat([y_back, y_back.new_zeros(T * K - n_send, D)])
         y_slots = y_sorted.new_zeros(T * K, D).index_copy(0, perm, y_sorted).view(T, K, D)
-        y = (y_slots.float() * weights.float().unsqueeze(-1)).sum(1).to(x.dtype)
+        y = combine(y_slots, weights, x.dtype)
         if self.shared_experts is not None:
             shared = self.shared_experts(x2)
             if self.shared_gate is not None:

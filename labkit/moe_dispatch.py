@@ -64,9 +64,15 @@ def check_dispatch_inputs(x, experts, weights, gate_up_proj, down_proj) -> None:
         raise TypeError(f"weights must be floating point, got {weights.dtype}")
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for low-precision activations (and float32), float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def combine(y_slots: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Weighted sum over each token's K slots, accumulated in float32: [T, K, D], [T, K] -> [T, D]."""
-    return (y_slots.float() * weights.float().unsqueeze(-1)).sum(dim=1).to(dtype)
+    """Weighted sum over each token's K slots, accumulated in float32 (at least): [T, K, D], [T, K] -> [T, D]."""
+    acc = accumulation_dtype(y_slots.dtype)
+    return (y_slots.to(acc) * weights.to(acc).unsqueeze(-1)).sum(dim=1).to(dtype)
 
 
 def sort_by_expert(experts: torch.Tensor, num_experts: int):
@@ -93,14 +99,15 @@ def _unsort(rows: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 def dispatch_loop(x, experts, weights, gate_up_proj, down_proj, capacity=None):
     """Reference: for each expert, gather its tokens, run the expert, add the weighted result back."""
     T, D = x.shape
-    out = torch.zeros(T, D, dtype=torch.float32, device=x.device)
+    acc = accumulation_dtype(x.dtype)
+    out = torch.zeros(T, D, dtype=acc, device=x.device)
     for e in range(gate_up_proj.shape[0]):
         token, slot = torch.where(experts == e)  # host sync: fine for a reference
         if token.numel() == 0:
             continue
         h = swiglu(F.linear(x[token], gate_up_proj[e]))  # [n, F]
         y = F.linear(h, down_proj[e])  # [n, D]
-        out = out.index_add(0, token, y.float() * weights[token, slot].float().unsqueeze(-1))
+        out = out.index_add(0, token, y.to(acc) * weights[token, slot].to(acc).unsqueeze(-1))
     return out.to(x.dtype)
 
 
