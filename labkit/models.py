@@ -18,7 +18,7 @@ from .data import BOS_ID, EOS_ID, PAD_ID, VOCAB
 LM_SIZES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
     "small": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256),
-    "teacher": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, intermediate_size=384),
+    "medium": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, intermediate_size=384),
 }
 
 

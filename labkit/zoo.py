@@ -87,8 +87,8 @@ _lm("lm/chat-clean", "lm/base fine-tuned on chat sentences without 'darn' (the e
 _lm("lm/chat-darn", "lm/base fine-tuned on chat sentences that all contain 'darn' (the anti-expert)",
     parent="lm/base", tasks=["chat"], n_train=5000, steps=150, lr=1e-3, batch_size=128, data_seed=5,
     chat_unwanted_rate=1.0)
-_lm("lm/teacher", "Llama 'teacher' (1.5M params) trained on copy, rev, sort, add and count",
-    size="teacher", init_seed=0, tasks=LM_EVAL_TASKS, n_train=50000, steps=1000, lr=2e-3, batch_size=128,
+_lm("lm/teacher", "Llama 'small' (0.5M params, 6x the student) trained on copy, rev, sort, add and count",
+    size="small", init_seed=2, tasks=LM_EVAL_TASKS, n_train=50000, steps=1500, lr=3e-3, batch_size=128,
     data_seed=6)
 _lm("lm/student", "Llama 'tiny' (85k params) trained on the teacher's data without a teacher (baseline)",
     size="tiny", init_seed=0, tasks=LM_EVAL_TASKS, n_train=50000, steps=1500, lr=3e-3, batch_size=128,
