@@ -42,6 +42,7 @@ def run_notebook(path: Path, out: Path, mode: str, timeout: float) -> dict:
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
+    from .grading.kernel import CurrentEnvKernelManager
     from .report import read_report_file
 
     stem = path.stem
@@ -62,7 +63,8 @@ def run_notebook(path: Path, out: Path, mode: str, timeout: float) -> dict:
             raise _NotebookTimeout(f"the notebook ran past its {timeout:g} s budget (stopped before cell {cell_index + 1})")
 
     client = NotebookClient(
-        nb, kernel_name="python3", allow_errors=False, record_timing=True, startup_timeout=180,
+        nb, kernel_name="python3", kernel_manager_class=CurrentEnvKernelManager, allow_errors=False,
+        record_timing=True, startup_timeout=180,
         timeout_func=lambda cell: max(1.0, deadline - time.monotonic()), shutdown_kernel="immediate",
         resources={"metadata": {"path": str(path.parent.resolve())}}, on_cell_start=check_budget,
     )

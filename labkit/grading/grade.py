@@ -31,6 +31,7 @@ import nbformat
 
 _MARK = "@@labkit-grade@@"
 _PROBE_TIMEOUT = 15.0  # seconds a kernel gets to answer "pass" after an interrupt before it is restarted
+_PRELOAD_TIMEOUT = 300.0  # importing the question banks (torch, transformers) in a fresh kernel
 
 
 class GradeError(Exception):
@@ -77,6 +78,13 @@ def identify_notebook(nb, path: str | Path, known: list[str]) -> str:
 # Inside the kernel
 
 
+def _kernel_preload() -> None:
+    """Import the grading code and every question bank, so no question's time limit pays for imports."""
+    from labkit.grading.questions import load_banks
+
+    load_banks()
+
+
 def _kernel_question(qid: str, function: str, nonce: str) -> None:
     """Run one question against the notebook's namespace and print its result as one JSON line."""
     try:
@@ -114,10 +122,13 @@ class _Kernel:
     def start(self) -> None:
         from nbclient import NotebookClient
 
+        from .kernel import CurrentEnvKernelManager
+
         self._timeout = None
         self._reply: dict = {}
         self.client = NotebookClient(
-            nbformat.v4.new_notebook(), kernel_name="python3", allow_errors=True, interrupt_on_timeout=True,
+            nbformat.v4.new_notebook(), kernel_name="python3", kernel_manager_class=CurrentEnvKernelManager,
+            allow_errors=True, interrupt_on_timeout=True,
             error_on_timeout={"ename": "LabkitCellTimeout", "evalue": "", "traceback": []},
             timeout_func=lambda cell: self._timeout, startup_timeout=180, iopub_timeout=5,
             shutdown_kernel="immediate", record_timing=False, resources={"metadata": {"path": self.workdir}},
@@ -129,6 +140,11 @@ class _Kernel:
         self._log = open(self.log_path, "ab")
         self.client.start_new_kernel(env=env, stdout=self._log, stderr=self._log)
         self.client.start_new_kernel_client()
+        status, _, content = self.run("__import__('labkit.grading.grade', fromlist=['_'])._kernel_preload()",
+                                      _PRELOAD_TIMEOUT)
+        if status != "ok":
+            raise RuntimeError(f"the kernel could not import the question banks ({status}: "
+                               f"{content.get('ename', '')} {_one_line(content.get('evalue', ''))})")
 
     def stop(self) -> None:
         if self.client is not None and self.client.km is not None:
