@@ -171,8 +171,7 @@ def _expect_close_tensor(got: torch.Tensor, expected: torch.Tensor, what: str, r
     e = expected.detach().to("cpu", torch.float64) if not expected.is_complex() else expected.detach().cpu().to(torch.complex128)
     if g.numel() == 0:
         return
-    dtype_note = f"{got.dtype}, {got.device.type}"
-    tol_text = f"tolerance atol={_num(atol)} + rtol={_num(rtol)}*|expected| ({dtype_note})"
+    tol_text = f"tolerance atol={_num(atol)} + rtol={_num(rtol)}*|expected|"
     # NaNs: allowed only where the reference has them too.
     g_nan, e_nan = torch.isnan(g), torch.isnan(e)
     bad_nan = g_nan & ~e_nan
@@ -197,13 +196,14 @@ def _expect_close_tensor(got: torch.Tensor, expected: torch.Tensor, what: str, r
     bad = err > tol
     if bad.any():
         n_bad = int(bad.sum())
-        worst = int((err - tol).flatten().argmax())
+        worst = int(torch.where(bad, err, torch.full_like(err, -1.0)).flatten().argmax())  # largest failing error
         where = _index(worst, g.shape)
         gv, ev = g.flatten()[worst].item(), e.flatten()[worst].item()
-        max_err = err.max().item()
+        max_err = err.flatten()[worst].item()
         count = f"{n_bad} of {g.numel()} values differ" if g.numel() > 1 else "value differs"
         at = f" at {where}" if g.dim() > 0 else ""
-        raise CheckFailure(f"{_prefix(what)}{count}; max abs error {_num(max_err)}; worst{at}: "
+        layout = f"shape {_shape(got)}, {got.dtype} on {got.device.type}"
+        raise CheckFailure(f"{_prefix(what)}{count} ({layout}); max abs error {_num(max_err)}{at}: "
                            f"got {_num(gv)}, expected {_num(ev)}; {tol_text}")
 
 
