@@ -74,8 +74,9 @@ def _digits(name, description, **recipe):
 _lm("lm/base", "Llama 'small' (0.5M params) trained from scratch on copy, rev, count and chat (25% 'darn')",
     size="small", init_seed=0, tasks=LM_TASKS_BASE, n_train=40000, steps=1500, lr=3e-3, batch_size=128,
     data_seed=0, chat_unwanted_rate=0.25)
-_lm("lm/base-twin", "same recipe as lm/base, independently initialised (init seed 1) and shuffled",
-    size="small", init_seed=1, tasks=LM_TASKS_BASE, n_train=40000, steps=1500, lr=3e-3, batch_size=128,
+_lm("lm/base-twin", "lm/base's data mix and hyperparameters with an independent initialisation (init seed 1), "
+    "other data order and a shorter run (1000 steps)",
+    size="small", init_seed=1, tasks=LM_TASKS_BASE, n_train=40000, steps=1000, lr=3e-3, batch_size=128,
     data_seed=1, chat_unwanted_rate=0.25)
 _lm("lm/ft-add", "lm/base fine-tuned on addition only (a skill the base lacks)",
     parent="lm/base", tasks=["add"], n_train=20000, steps=900, lr=2e-3, batch_size=128, data_seed=2)
@@ -88,7 +89,7 @@ _lm("lm/chat-darn", "lm/base fine-tuned on chat sentences that all contain 'darn
     parent="lm/base", tasks=["chat"], n_train=5000, steps=150, lr=1e-3, batch_size=128, data_seed=5,
     chat_unwanted_rate=1.0)
 _lm("lm/teacher", "Llama 'small' (0.5M params, 6x the student) trained on copy, rev, sort, add and count",
-    size="small", init_seed=2, tasks=LM_EVAL_TASKS, n_train=50000, steps=1500, lr=3e-3, batch_size=128,
+    size="small", init_seed=2, tasks=LM_EVAL_TASKS, n_train=50000, steps=1200, lr=3e-3, batch_size=128,
     data_seed=6)
 _lm("lm/student", "Llama 'tiny' (85k params) trained on the teacher's data without a teacher (baseline)",
     size="tiny", init_seed=0, tasks=LM_EVAL_TASKS, n_train=50000, steps=1500, lr=3e-3, batch_size=128,
