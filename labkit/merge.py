@@ -84,16 +84,17 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
 
 
 def rescale_to_norm(masked: torch.Tensor, original: torch.Tensor, norm: str | None, density: float = 1.0,
-                    eps: float = 1e-7) -> torch.Tensor:
+                    eps: float = 1e-7, inplace: bool = False) -> torch.Tensor:
     """Rescale a sparsified delta so it keeps the original's size.
 
     ``norm``: None (no rescaling), "l1" (multiply by |original|_1 / |masked|_1: mergekit's
     ``rescale: true``), "l2", "linf", or "density" (divide by the keep probability: DARE's 1/(1-p)).
+    ``inplace`` scales ``masked`` itself (saves a copy when the caller owns it).
     """
     if norm is None:
         return masked
     if norm == "density":
-        return masked / density
+        return masked.div_(density) if inplace else masked / density
     ords = {"l1": 1, "l2": 2, "linf": math.inf}
     if norm not in ords:
         raise ValueError(f"rescale_norm must be None, 'l1', 'l2', 'linf' or 'density', not {norm!r}")
@@ -101,26 +102,44 @@ def rescale_to_norm(masked: torch.Tensor, original: torch.Tensor, norm: str | No
     after = torch.linalg.vector_norm(masked, ord=ords[norm])
     if before < eps or after < eps:
         return masked
-    return masked * (before / after)
+    return masked.mul_(before / after) if inplace else masked * (before / after)
 
 
 def magnitude_trim(delta: torch.Tensor, density: float, rescale_norm: str | None = None,
                    threshold: float | None = None) -> torch.Tensor:
     """Keep the ``max(1, int(density * numel))`` largest-magnitude entries, zero the rest (TIES "trim").
 
-    With ``threshold`` (a model-wide cut, see ``merge(..., trim_scope="model")``) keep |delta| >= it.
+    Entries of equal magnitude at the cut are kept in index order (mergekit's sort breaks such ties
+    arbitrarily). With ``threshold`` (a model-wide cut, see ``merge(..., trim_scope="model")``)
+    keep |delta| >= threshold instead.
     """
     if threshold is not None:
-        mask = (delta.abs() >= threshold).to(delta.dtype)
+        mask = delta.abs() >= threshold
     else:
         if density >= 1:
             return delta
         if density <= 0 or delta.numel() == 0:
             return torch.zeros_like(delta)
-        k = max(1, int(density * delta.numel()))  # a positive density keeps at least one entry
-        mask = torch.zeros_like(delta)
-        mask.view(-1)[delta.abs().view(-1).topk(k).indices] = 1
-    return rescale_to_norm(delta * mask, delta, rescale_norm, density)
+        n = delta.numel()
+        k = max(1, int(density * n))  # a positive density keeps at least one entry
+        cut = _kth_largest_magnitude(delta, k)
+        mask = delta.abs() >= cut
+        extra = int(mask.sum()) - k
+        if extra > 0:  # ties at the cut: keep the first ones
+            flat = mask.view(-1)
+            flat[((delta.abs() == cut).view(-1)).nonzero().squeeze(1)[-extra:]] = False
+    return rescale_to_norm(delta * mask, delta, rescale_norm, density, inplace=True)
+
+
+def _kth_largest_magnitude(x: torch.Tensor, k: int) -> float:
+    """The k-th largest |x| (selection, O(n)). On the CPU numpy partitions one float copy in place;
+    torch.kthvalue would also allocate an int64 index per entry (3x the tensor's memory)."""
+    mag = x.detach().abs().reshape(-1)
+    if mag.device.type == "cpu":
+        arr = mag.numpy()
+        arr.partition(arr.size - k)
+        return float(arr[arr.size - k])
+    return float(mag.kthvalue(mag.numel() - k + 1).values)
 
 
 def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator | None = None,
@@ -134,7 +153,7 @@ def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator 
         return delta
     probs = torch.full(delta.shape, float(density))
     mask = torch.bernoulli(probs, generator=generator).to(delta.device, delta.dtype)
-    return rescale_to_norm(delta * mask, delta, rescale_norm, density)
+    return rescale_to_norm(delta * mask, delta, rescale_norm, density, inplace=True)
 
 
 def breadcrumbs_trim(delta: torch.Tensor, density: float, gamma: float = 0.01,
@@ -153,25 +172,26 @@ def breadcrumbs_trim(delta: torch.Tensor, density: float, gamma: float = 0.01,
     order = delta.abs().view(-1).argsort()  # ascending magnitude
     mask = torch.zeros_like(delta)
     mask.view(-1)[order[n_bot:n - n_top]] = 1
-    return rescale_to_norm(delta * mask, delta, rescale_norm, density)
+    return rescale_to_norm(delta * mask, delta, rescale_norm, density, inplace=True)
 
 
-def elect_sign(weighted_deltas: Sequence[torch.Tensor], method: str = "sum") -> torch.Tensor:
+def elect_sign(weighted_deltas: Sequence[torch.Tensor], method: str = "sum",
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """TIES "elect": the sign of sum_i w_i delta_i per entry ("sum", the paper) or the majority of
-    signs ("count"); 0 counts as +1, as in mergekit. Returns a tensor of +1/-1."""
-    if method == "sum":
-        total = sum(weighted_deltas)
-    elif method == "count":
-        total = sum(d.sign() for d in weighted_deltas)
-    else:
+    signs ("count"); 0 counts as +1, as in mergekit. Returns a tensor of +1/-1 (in ``out`` if given)."""
+    if method not in ("sum", "count"):
         raise ValueError(f"consensus method must be 'sum' or 'count', not {method!r}")
-    return torch.where(total >= 0, 1.0, -1.0).to(weighted_deltas[0].dtype)
+    total = torch.zeros_like(weighted_deltas[0]) if out is None else out.zero_()
+    for d in weighted_deltas:
+        total.add_(d if method == "sum" else d.sign())
+    positive = total >= 0
+    return total.copy_(positive).mul_(2).sub_(1)
 
 
 def generalized_task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
                                 sparsify: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
                                 consensus: str | None = None, normalize: bool = False,
-                                lambda_: float = 1.0) -> torch.Tensor:
+                                lambda_: float = 1.0, consume: bool = False) -> torch.Tensor:
     """The family behind task arithmetic, TIES, DARE and breadcrumbs (mergekit's structure):
 
       delta_i = sparsify_i(theta_i - theta_base)               (trim / drop, optional)
@@ -179,27 +199,38 @@ def generalized_task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tens
       tau     = sum_i m_i w_i delta_i  (/ sum_i m_i w_i when ``normalize``; 0 divisors count as 1)
       theta   = theta_base + lambda * tau
     """
-    deltas = [x - base for x in tensors]
-    if sparsify is not None:
-        deltas = [sparsify(i, d) for i, d in enumerate(deltas)]
-    weighted = [d * float(w) for d, w in zip(deltas, weights)]
-    del deltas
-    mixed, divisor = torch.zeros_like(base), torch.zeros_like(base)
+    # Written to hold about (models + 3) tensors at once. With ``consume`` the input tensors (and
+    # the list) are overwritten in place, which the lazy YAML runner uses; otherwise they are kept.
+    deltas = tensors if consume else [None] * len(tensors)
+    for i, w in enumerate(weights):
+        d = tensors[i].sub_(base) if consume else tensors[i] - base   # from here on ours to modify
+        if sparsify is not None:
+            d = sparsify(i, d)
+        deltas[i] = d.mul_(float(w))
+        del d
+    mixed = torch.zeros_like(base)
+    divisor = torch.zeros_like(base) if normalize else None
     if consensus is not None:
-        sign = elect_sign(weighted, consensus)
-        for wd, w in zip(weighted, weights):
-            agree = (wd.sign() == sign).to(base.dtype)  # zeros never agree: a disjoint mean
-            mixed.add_(wd * agree)
-            divisor.add_(agree, alpha=float(w))
-        divisor[divisor == 0] = 1
+        positive = elect_sign(deltas, consensus, out=mixed) > 0
+        mixed.zero_()
+        for wd, w in zip(deltas, weights):
+            agree = torch.where(positive, wd > 0, wd < 0)  # zeros never agree: a disjoint mean
+            mixed.add_(wd.mul_(agree))
+            if normalize:
+                divisor.add_(agree, alpha=float(w))
+            del agree
+        if normalize:
+            divisor[divisor == 0] = 1
     else:
-        for wd in weighted:
+        for wd in deltas:
             mixed.add_(wd)
-        divisor.fill_(float(sum(weights)))
-        divisor[divisor.abs() < 1e-8] = 1
+        total = float(sum(weights))
+        divisor = total if abs(total) >= 1e-8 else 1.0
+    if consume:
+        deltas.clear()
     if normalize:
         mixed.div_(divisor)
-    return base + lambda_ * mixed
+    return mixed.mul_(lambda_).add_(base)
 
 
 def task_arithmetic(base, tensors, weights, lambda_: float = 1.0, normalize: bool = False):
@@ -329,10 +360,11 @@ def tensor_seed(seed: int, name: str) -> int:
 
 def merge_tensor(method: str, base: torch.Tensor | None, tensors: Sequence[torch.Tensor], params: dict,
                  model_params: Sequence[dict], *, name: str = "", seed: int = 0, rescale_norm: str = "l1",
-                 trim_thresholds: Sequence[float] | None = None) -> torch.Tensor:
+                 trim_thresholds: Sequence[float] | None = None, consume: bool = False) -> torch.Tensor:
     """Apply a named method to one tensor. ``params`` holds the method's global parameters and
     ``model_params[i]`` those of ``tensors[i]`` (defaults filled in by the caller: see
-    ``resolve_params``). All tensors float32 on one device. ``base`` excludes the models list."""
+    ``resolve_params``). All tensors float32 on one device. ``base`` excludes the models list.
+    ``consume=True`` lets the task-arithmetic family overwrite ``tensors`` to save memory."""
     m = get_method(method)
     if method == "linear":
         return linear(tensors, [p["weight"] for p in model_params], params["normalize"])
@@ -356,7 +388,7 @@ def merge_tensor(method: str, base: torch.Tensor | None, tensors: Sequence[torch
 
     return generalized_task_arithmetic(
         base, tensors, [p["weight"] for p in model_params], sparsify if sparsification else None,
-        _CONSENSUS.get(method), bool(params["normalize"]), float(params["lambda"]))
+        _CONSENSUS.get(method), bool(params["normalize"]), float(params["lambda"]), consume)
 
 
 def resolve_params(method: str, given: dict, n_models: int, *, fill_weight: float | None = None,

@@ -462,7 +462,7 @@ def run_merge_config(config_path, out_dir, *, device=None, force: bool = False, 
             rest = [dirs[r].read(name).to(device, torch.float32) for r in refs[1:]]
             base, xs = (first, rest) if plan.base else (None, [first] + rest)
             del first, rest
-            merged = merge_tensor(plan.method, base, xs, glob, per_model, name=name, seed=seed)
+            merged = merge_tensor(plan.method, base, xs, glob, per_model, name=name, seed=seed, consume=True)
             del xs, base
             writer.write(name, merged)
             del merged

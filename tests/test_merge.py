@@ -90,6 +90,20 @@ def test_magnitude_trim_golden_and_edges():
     close(M.magnitude_trim(d, 0.1), [0, -0.9, 0, 0])  # int(0.4) = 0 but a positive density keeps one
     close(M.magnitude_trim(d, 0.0), [0, 0, 0, 0])
     close(M.magnitude_trim(d, 0.5, threshold=0.3), [0, -0.9, 0.5, -0.3])
+    close(M.magnitude_trim(t(1, -1, 1, 0.5), 0.5), [1, -1, 0, 0])  # ties at the cut: first ones kept
+
+
+def test_consume_gives_the_same_merge_and_otherwise_leaves_inputs_alone():
+    torch.manual_seed(0)
+    base = torch.randn(50)
+    xs = [base + torch.randn(50) for _ in range(3)]
+    keep = [x.clone() for x in xs]
+    for method, params in [("ties", {"density": 0.3}), ("dare_ties", {"density": 0.5}), ("task_arithmetic", {})]:
+        glob, per_model = M.resolve_params(method, params, 3, fill_weight=1.0)
+        a = M.merge_tensor(method, base, xs, glob, per_model, name="w")
+        assert all(torch.equal(x, k) for x, k in zip(xs, keep))
+        b = M.merge_tensor(method, base, [x.clone() for x in xs], glob, per_model, name="w", consume=True)
+        assert torch.equal(a, b), method
 
 
 def test_breadcrumbs_golden():
