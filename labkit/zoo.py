@@ -79,9 +79,9 @@ _lm("lm/base-twin", "lm/base's data mix and hyperparameters with an independent 
     size="small", init_seed=1, tasks=LM_TASKS_BASE, n_train=40000, steps=1000, lr=3e-3, batch_size=128,
     data_seed=1, chat_unwanted_rate=0.25)
 _lm("lm/ft-add", "lm/base fine-tuned on addition only (a skill the base lacks)",
-    parent="lm/base", tasks=["add"], n_train=20000, steps=900, lr=2e-3, batch_size=128, data_seed=2)
+    parent="lm/base", tasks=["add"], n_train=20000, steps=600, lr=2e-3, batch_size=128, data_seed=2)
 _lm("lm/ft-sort", "lm/base fine-tuned on sorting only (a skill the base lacks)",
-    parent="lm/base", tasks=["sort"], n_train=20000, steps=600, lr=2e-3, batch_size=128, data_seed=3)
+    parent="lm/base", tasks=["sort"], n_train=20000, steps=400, lr=2e-3, batch_size=128, data_seed=3)
 _lm("lm/chat-clean", "lm/base fine-tuned on chat sentences without 'darn' (the expert)",
     parent="lm/base", tasks=["chat"], n_train=5000, steps=150, lr=1e-3, batch_size=128, data_seed=4,
     chat_unwanted_rate=0.0)
