@@ -26,8 +26,9 @@ install: $(STAMP)
 labs: $(STAMP)
 	$(BIN)/labkit labs
 
+# two workers with one thread each: torch threads spinning on a shared 2-core machine thrash
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile tests notebooks --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile tests notebooks --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/labkit bench all
