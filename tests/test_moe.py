@@ -464,6 +464,17 @@ def test_moefy_llama_keeps_logits_and_trains():
         moe.moefy(torch.nn.Linear(2, 2))
 
 
+def test_moefy_kit_llama_with_kit_tokenizer_routes_and_generates():
+    from labkit.data import generate_answers
+    from labkit.models import make_llama
+
+    model = moe.moefy(make_llama("tiny", seed=0), num_experts=4, top_k=2, router="sigmoid").eval()
+    answers = generate_answers(model, ["c:abc=", "r:ab="], max_new_tokens=3)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    last = moe.moe_layers(model)[0].last_experts
+    assert last.shape[0] == 2 and last.shape[-1] == 2  # [B, 1, K] of the last decoding step
+
+
 class CharTokenizer:
     """Just enough of a tokenizer for prompt_router_weights: left padding with id 0."""
 
