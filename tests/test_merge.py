@@ -408,3 +408,18 @@ def test_merge_on_gpu_equals_cpu():
         cpu = M.merge(method, models, base, device="cpu", **kw)["w"]
         gpu = M.merge(method, models, base, device="cuda", **kw)["w"]
         assert torch.allclose(cpu, gpu, atol=1e-5), method
+
+
+def test_align_digit_mlp():
+    models = pytest.importorskip("labkit.models")
+    torch.manual_seed(0)
+    a, b = models.DigitMLP(hidden=(16, 12)), models.DigitMLP(hidden=(16, 12))
+    assert M.linear_layer_names(a) == ["layers.0", "layers.1", "layers.2"]
+    aligned = M.align_mlp(a, b)
+    x = torch.rand(8, 64)
+    assert torch.allclose(aligned(x), b(x), atol=1e-6)
+    names = M.linear_layer_names(a)
+    perms = [torch.randperm(16), torch.randperm(12)]
+    shuffled = M.load_merged(a, M.permute_linear_chain(a.state_dict(), names, perms))
+    back = M.align_mlp(a, shuffled)
+    assert all(torch.allclose(back.state_dict()[k], v) for k, v in a.state_dict().items())
