@@ -63,7 +63,8 @@ class Routing:
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Router logits in float32: x [T, D], weight [E, D] -> [T, E]. Low-precision logits make
     near-ties flip between experts, so routers always compute in float32 (as DeepSeek-V3 does)."""
-    return F.linear(_f32(x), weight.to(_f32(x).dtype))
+    with torch.autocast(x.device.type, enabled=False):  # autocast would run the linear in bf16
+        return F.linear(_f32(x), weight.to(_f32(x).dtype))
 
 
 def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool = True):
@@ -169,7 +170,10 @@ def load_balancing_loss(router_logits, top_k: int, num_experts: int | None = Non
         selected_experts = torch.topk(probs, top_k, dim=-1).indices
     elif selected_experts.shape[0] != logits.shape[0]:
         raise ValueError(f"selected_experts has {selected_experts.shape[0]} rows, router_logits {logits.shape[0]}")
-    counts = F.one_hot(selected_experts.long(), num_experts + 1)[..., :num_experts].sum(1).to(logits.dtype)
+    # scatter_add, not one_hot: one_hot validates the indices on the host (a sync on a GPU)
+    sel = selected_experts.long()
+    counts = torch.zeros(sel.shape[0], num_experts + 1, device=logits.device, dtype=logits.dtype).scatter_add_(
+        1, sel, torch.ones(sel.shape, device=logits.device, dtype=logits.dtype))[:, :num_experts]  # [L*T, E]
     if attention_mask is None:
         mask = torch.ones(logits.shape[0], device=logits.device, dtype=logits.dtype)
     else:

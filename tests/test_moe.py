@@ -233,6 +233,9 @@ def test_router_math_is_float32_for_bf16_inputs():
     r = moe.Router(8, 4, 2).to(torch.bfloat16)
     out = r(torch.randn(5, 8, dtype=torch.bfloat16))
     assert out.logits.dtype == torch.float32 and out.weights.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast must not pull the router into bf16
+        x = torch.randn(5, 8)
+        assert moe.router_logits(x, torch.randn(4, 8)).dtype == torch.float32
 
 
 def test_router_errors():
