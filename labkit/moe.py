@@ -30,7 +30,7 @@ __all__ = [
     "Routing", "router_logits", "softmax_topk", "topk_softmax", "noisy_logits", "sigmoid_topk",
     "update_selection_bias", "expert_choice", "load_balancing_loss", "router_z_loss", "expert_capacity",
     "apply_capacity", "routing_stats", "Router", "SwiGLU", "SwiGLUExperts", "MoELayer", "upcycle_mlp",
-    "moefy", "moe_layers", "moe_aux_loss", "prompt_router_weights", "moe_from_dense",
+    "moefy", "moe_layers", "moe_aux_loss", "to_mixtral", "prompt_router_weights", "moe_from_dense",
     "ExpertParallelMoE", "moe_flops", "dispatch", "sort_by_expert", "BACKENDS", "ROUTERS",
 ]
 
@@ -518,6 +518,39 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor:
     if not layers:
         raise ValueError(f"{type(model).__name__} has no MoELayer")
     return sum(layer.aux_loss for layer in layers)
+
+
+def to_mixtral(model: nn.Module):
+    """A transformers ``MixtralForCausalLM`` with the weights and outputs of a Llama whose every MLP is
+    a plain top-k ``MoELayer`` (e.g. after ``moefy``): save it with ``save_pretrained``, load it with
+    any Mixtral-aware tool. Mixtral's routing is softmax -> top-k -> renormalise, without shared
+    experts or capacity, so only such layers convert."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    mlps = [block.mlp for block in _decoder_layers(model)]
+    first = mlps[0]
+    for i, m in enumerate(mlps):
+        if not isinstance(m, MoELayer):
+            raise TypeError(f"layer {i}'s MLP is a {type(m).__name__}, not an MoELayer: moefy every layer first")
+        same = (m.num_experts, m.top_k, m.intermediate_size) == (first.num_experts, first.top_k, first.intermediate_size)
+        plain = m.router.kind == "softmax_topk" and m.router.renormalize and m.router.noise_weight is None
+        if not same or not plain or m.shared_experts is not None or m.capacity_factor is not None:
+            raise ValueError(f"layer {i}: Mixtral needs identical softmax top-k layers (renormalised, no noise, "
+                             "no shared experts, no capacity limit)")
+    src = model.config.to_dict()
+    if src.get("attention_bias") or src.get("mlp_bias"):
+        raise ValueError("Mixtral has no attention or MLP biases")
+    allowed = set(MixtralConfig().to_dict()) - {"model_type", "architectures", "transformers_version"}
+    kwargs = {k: v for k, v in src.items() if k in allowed}
+    kwargs.update(intermediate_size=first.intermediate_size, num_local_experts=first.num_experts,
+                  num_experts_per_tok=first.top_k, router_aux_loss_coef=first.aux_loss_coef,
+                  router_jitter_noise=0.0, sliding_window=None)
+    config = MixtralConfig(**kwargs)
+    mixtral = MixtralForCausalLM(config)
+    state = {k.replace(".mlp.router.weight", ".mlp.gate.weight"): v for k, v in model.state_dict().items()}
+    mixtral.load_state_dict(state, strict=True)
+    p = next(model.parameters())
+    return mixtral.to(device=p.device, dtype=p.dtype).eval()
 
 
 # -------------------------------------------------------------------------- MoE from dense fine-tunes

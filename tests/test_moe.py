@@ -467,6 +467,25 @@ def test_moefy_llama_keeps_logits_and_trains():
         moe.moefy(torch.nn.Linear(2, 2))
 
 
+def test_to_mixtral_same_logits_and_saves(tmp_path):
+    from transformers import MixtralForCausalLM
+
+    model = moe.moefy(tiny_llama(), num_experts=4, top_k=2, noise_std=0.2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for layer in moe.moe_layers(model):
+            layer.router.weight.normal_()
+    ids = torch.randint(0, 32, (2, 7))
+    mixtral = moe.to_mixtral(model)
+    torch.testing.assert_close(mixtral(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    mixtral.save_pretrained(tmp_path)
+    again = MixtralForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="MoELayer"):
+        moe.to_mixtral(moe.moefy(tiny_llama(), 4, 2, layers=[0]))
+    with pytest.raises(ValueError, match="Mixtral needs"):
+        moe.to_mixtral(moe.moefy(tiny_llama(), 4, 2, num_shared_experts=1))
+
+
 def test_moefy_kit_llama_with_kit_tokenizer_routes_and_generates():
     from labkit.data import generate_answers
     from labkit.models import make_llama
