@@ -61,6 +61,9 @@ cells += [
     """),
     nt.code("""
     import matplotlib.pyplot as plt
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bars in the outputs
 
     from labkit import zoo
     from labkit.data import TASKS, get_tokenizer, load_digits, make_task_dataset, shift_digits
@@ -149,23 +152,27 @@ cells += [
     """),
     nt.code("""
     # NBVAL_IGNORE_OUTPUT
+    import pandas as pd
+
+    def short_metrics(metrics):
+        names = {"chat/unwanted_rate": "darn rate"}
+        return "  ".join(f"{names.get(k, k.replace('exact_match/', '').replace('_accuracy', ''))} {v:.2f}"
+                         for k, v in metrics.items() if isinstance(v, float))
+
     manifest = zoo.read_manifest()["entries"]
-    print(f"{'entry':18s} {'metrics (when built)':44s} description")
-    for name in zoo.names():
-        entry = manifest.get(name)
-        if entry is None:
-            print(f"{name:18s} {'(not built)':44s} {zoo.RECIPES[name]['description'][:60]}")
-            continue
-        metrics = ", ".join(f"{k.replace('_accuracy', ' acc')} {v:.3f}" for k, v in list(entry["metrics"].items())[:3]
-                            if isinstance(v, float))
-        print(f"{name:18s} {metrics[:44]:44s} {entry['description'][:60]}")
+    table = pd.DataFrame([{"entry": n,
+                           "metrics when built (exact match or accuracy)": short_metrics(manifest[n]["metrics"])
+                           if n in manifest else "(not built yet)",
+                           "description": zoo.RECIPES[n]["description"]} for n in zoo.names()])
+    pd.set_option("display.max_colwidth", 120)
+    table
     """),
     nt.code("""
     families = {}
     for name in zoo.names():
         families.setdefault(name.split("/")[0], []).append(name)
     for family, members in families.items():
-        print(f"{family}: {len(members)} entries, all built: {all(n in manifest for n in members)}")
+        print(f"{family}: {len(members)} entries, e.g. {', '.join(members[:3])}")
     """),
     nt.markdown("""
     A glimpse of the base language model at work: greedy answers to a few test prompts it has never
