@@ -484,8 +484,8 @@ cells += [
         times = {}
         with torch.no_grad():
             for backend in md.BACKENDS + ("auto",):
-                if backend == "gather" and T * k * 3 * D * Fw * xt.element_size() > 2**30:
-                    continue  # gather copies every pair's expert weights: too much memory here
+                if backend == "gather" and T > 64:
+                    continue  # gather copies every pair's expert weights: a decoding trick only
                 times[backend] = time_fn(lambda: md.dispatch(xt, e, w, gate_up, down, backend=backend),
                                          warmup=2, repeat=5, device=device)["min_s"] * 1e3
         auto = md.choose_backend(xt, k, gate_up, down)
@@ -537,7 +537,8 @@ cells += [
 
     We build one from `lm/ft-add` and `lm/ft-sort` (fine-tunes of `lm/base` on addition and on
     sorting) with top-1 routing, and compare it on both tasks with the fine-tunes themselves, the base,
-    and the upcycled MoE that was actually trained (section 7) on all tasks.
+    and the upcycled MoE that was actually trained (section 7, briefly) on all tasks. Exact match is
+    all-or-nothing, so we also report the held-out loss of the answer tokens.
     """),
     nt.code("""
     ft_add, ft_sort = zoo.load("lm/ft-add", device=device), zoo.load("lm/ft-sort", device=device)
@@ -551,27 +552,46 @@ cells += [
     nt.code("""
     # NBVAL_IGNORE_OUTPUT
     eval_sets = {t: make_task_dataset([t], by_mode(smoke=100, full=500), seed=0, split="test") for t in ("add", "sort")}
+    eval_batches = {t: {k_: v.to(device) for k_, v in encode_for_training(list(ds["prompt"]), list(ds["answer"])).items()}
+                    for t, ds in eval_sets.items()}
+
+
+    @torch.no_grad()
+    def task_loss(model, task):
+        model.eval()
+        return model(**eval_batches[task]).loss.item()
+
+
     models = {"lm/base": base, "lm/ft-add": ft_add, "lm/ft-sort": ft_sort, "mergekit-style MoE": clown_car,
-              "upcycled MoE (trained)": upcycled}
-    scores = {name: {t: exact_match(m, ds) for t, ds in eval_sets.items()} for name, m in models.items()}
-    print(f"{'model':24s} {'add':>6s} {'sort':>6s}")
+              "upcycled MoE (trained, s.7)": upcycled}
+    scores = {name: {t: (task_loss(m, t), exact_match(m, ds)) for t, ds in eval_sets.items()} for name, m in models.items()}
+    print(f"{'model':28s} {'add: loss':>9s} {'exact':>6s}   {'sort: loss':>10s} {'exact':>6s}")
     for name, s in scores.items():
-        print(f"{name:24s} {s['add']:6.3f} {s['sort']:6.3f}")
-    # where does the prompt-derived router send the tokens of each task? (last layer, first choice)
-    for t, ds in eval_sets.items():
+        print(f"{name:28s} {s['add'][0]:9.3f} {s['add'][1]:6.3f}   {s['sort'][0]:10.3f} {s['sort'][1]:6.3f}")
+    print("share of each task's prompt tokens that the prompt-derived router sends to that task's expert, per layer:")
+    for expert, (t, ds) in enumerate(eval_sets.items()):
         enc = tok(list(ds["prompt"]), return_tensors="pt", padding=True).to(device)
         with torch.no_grad():
             clown_car(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-        chosen = moe.moe_layers(clown_car)[-1].last_experts[..., 0][enc["attention_mask"].bool()]
-        print(f"{t} prompts: {chosen.eq(0).float().mean():.2f} of tokens to the add expert, "
-              f"{chosen.eq(1).float().mean():.2f} to the sort expert")
-    record("exact match on add / sort", scores)
-    both = {name: min(s.values()) for name, s in scores.items()}
-    claim("the mergekit-style MoE keeps both fine-tunes' skills better than either fine-tune alone",
-          both["mergekit-style MoE"] > max(both["lm/ft-add"], both["lm/ft-sort"]), detail=str(both))
-    claim("a prompt-routed MoE of fine-tunes is not a trained sparse MoE: it trails the fine-tunes on their own tasks",
-          scores["mergekit-style MoE"]["add"] < scores["lm/ft-add"]["add"]
-          or scores["mergekit-style MoE"]["sort"] < scores["lm/ft-sort"]["sort"], detail=str(scores))
+        real = enc["attention_mask"].bool()
+        shares = [layer.last_experts[..., 0][real].eq(expert).float().mean().item() for layer in moe.moe_layers(clown_car)]
+        print(f"  {t:4s}: {[round(x, 2) for x in shares]}")
+    record("add / sort (answer loss, exact match)", scores)
+    claim("a mergekit-style MoE of fine-tunes does not inherit their skills: it trails each fine-tune on its own task",
+          scores["mergekit-style MoE"]["add"][1] < scores["lm/ft-add"]["add"][1]
+          and scores["mergekit-style MoE"]["sort"][1] < scores["lm/ft-sort"]["sort"][1], detail=str(scores))
+    claim("a briefly trained MoE models the new tasks better than the prompt-routed one (lower answer loss on both)",
+          all(scores["upcycled MoE (trained, s.7)"][t][0] < scores["mergekit-style MoE"][t][0] for t in eval_sets),
+          detail=str(scores))
+    """),
+    nt.markdown("""
+    Why does the "clown car" fail here? Two reasons, both worth remembering before trusting such a merge.
+    First, **routing is per token**: within one prompt, tokens go to different experts, so no expert sees
+    the whole computation it was fine-tuned for; at layer 0 the router even sees the same token (`=`)
+    at the end of every prompt, so both router rows are equal and everything goes to one expert (the
+    degenerate gates that mergekit warns about). Second, our fine-tunes changed **attention** as much as
+    the MLPs, and the merge keeps only the base model's attention. A mergekit-style MoE is best read as
+    an ensemble of MLPs with a hand-set router; a trained MoE learns its routing together with its experts.
     """),
     nt.markdown("""
     ## Summary
