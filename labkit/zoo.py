@@ -230,8 +230,16 @@ def load(name: str, device=None, verify_hash: bool = True):
     device = torch.device(device) if device is not None else get_device()
     if recipe["kind"] == "lm":
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
-        model = AutoModelForCausalLM.from_pretrained(path(name), dtype=torch.float32)
+        # a progress bar per load would clutter every notebook that loads a few models
+        bar_was_enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path(name), dtype=torch.float32)
+        finally:
+            if bar_was_enabled:
+                hf_logging.enable_progress_bar()
     else:
         from .models import load_classifier
 
