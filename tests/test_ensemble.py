@@ -686,3 +686,30 @@ def test_ensemble_report_gain():
     assert rep["ensemble_acc"] == 1.0 and rep["gain"] == pytest.approx(1 / 3)
     assert rep["disagreement"] == pytest.approx(2 / 3)
     assert rep["error_corr"] == pytest.approx(-0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# on a GPU: the same answers as on the CPU
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu(members):
+    cuda = torch.device("cuda")
+    ids, mask = padded_prompts()
+    for rule, weights in [("linear", [0.5, 0.3, 0.2]), ("log_linear", [1.0, 0.8, -0.5])]:
+        cpu_ids, cpu_lp = ens.EnsembleLM(members, weights, rule).generate(ids, mask, max_new_tokens=5, return_logprobs=True)
+        gpu_members = [m.to(cuda) for m in members]
+        try:
+            gpu_ids, gpu_lp = ens.EnsembleLM(gpu_members, weights, rule).generate(ids.to(cuda), mask.to(cuda), max_new_tokens=5,
+                                                                                  return_logprobs=True)
+        finally:
+            for m in members:
+                m.to("cpu")
+        assert torch.equal(gpu_ids.cpu(), cpu_ids)
+        torch.testing.assert_close(gpu_lp.cpu(), cpu_lp, atol=1e-5, rtol=0)
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).to(cuda) for _ in range(4)]
+    x = torch.randn(32, 8, device=cuda)
+    params, buffers, skeleton = ens.stack_members(models)
+    torch.testing.assert_close(ens.stacked_forward(params, buffers, skeleton, x), ens.loop_forward(models, x),
+                               atol=1e-4, rtol=1e-4)
