@@ -32,8 +32,12 @@ def _stored(cell, outputs):
 
 
 def _run_nbval(tmp_path, *plugin_args):
+    # an ini of its own: pytest would otherwise find the repo's pyproject (whose addopts load the
+    # plugin) through the sanitize file's path
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "--nbval", "-q", "-p", "no:cacheprovider", *plugin_args,
+        [sys.executable, "-m", "pytest", "-c", str(tmp_path / "pytest.ini"), "--nbval", "-q", "-p",
+         "no:cacheprovider", *plugin_args,
          "--nbval-sanitize-with", str(ROOT / "tests" / "nbval_sanitize.cfg"), "--nbval-current-env", "nb.ipynb"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
@@ -60,7 +64,7 @@ def test_nbval_ignores_warnings_and_progress_bars_with_the_plugin(tmp_path):
     with_plugin = _run_nbval(tmp_path, "-p", "labkit.grading.nbval_plugin")
     assert with_plugin.returncode == 0, with_plugin.stdout[-3000:]
     without = _run_nbval(tmp_path)
-    assert without.returncode != 0 and "stderr" in without.stdout  # what the plugin protects against
+    assert without.returncode != 0 and "stderr" in without.stdout, without.stdout[-3000:]  # what the plugin protects against
 
 
 def test_notebooks_follow_the_kit_rules():
