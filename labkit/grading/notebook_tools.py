@@ -32,10 +32,16 @@ BEGIN_HIDDEN, END_HIDDEN = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
 REPO_URL = "https://github.com/labkit-course/labkit"
 COLAB_URL = "https://colab.research.google.com/github/labkit-course/labkit/blob/main/notebooks/{name}.ipynb"
 BADGE = "[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
+# A clone, not `pip install git+...`: the zoo's checkpoints live in the repository's data/ folder.
+# An editable install keeps them next to the package; Colab's own torch satisfies the range and stays.
 INSTALL_CELL = f'''try:
     import labkit
-except ImportError:  # on Colab: install the kit, keeping Colab's own torch
-    %pip install -q "labkit @ git+{REPO_URL}"'''
+except ImportError:  # on Colab (or anywhere labkit is missing): clone the kit with its zoo and install it
+    import subprocess, sys
+    subprocess.run(["git", "clone", "--depth", "1", "{REPO_URL}", "labkit-repo"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "labkit-repo"], check=True)
+    sys.path.insert(0, "labkit-repo")
+    import labkit'''
 
 
 class MarkerError(ValueError):

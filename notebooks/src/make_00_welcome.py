@@ -20,9 +20,9 @@ them?** The labs that follow combine models in four places:
 |---|---|---|
 | outputs | ensembles: linear and log-linear mixtures, learned weights, anti-experts | 01 |
 | weights | merging: averaging, model soups, task vectors, TIES | 02 |
-| training | distillation: a student learns from a teacher (or from an ensemble) | 03 |
-| inside the network | sparse mixture of experts: a router picks a few experts per token | 04 |
-| time | pipelines and iterative refinement | 05 |
+| inside the network | sparse mixture of experts: a router picks a few experts per token | 03 |
+| training | distillation: a student learns from a teacher (or from an ensemble) | 04 (coming) |
+| time | pipelines and iterative refinement | 05 (coming) |
 
 Not every method works on every set of models. Ensembling and distillation work on *any* models;
 averaging weights needs models with the *same architecture* and, on top of that, the *same
