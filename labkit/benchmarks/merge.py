@@ -52,7 +52,7 @@ WORKER = textwrap.dedent("""
     before = status_mb("VmRSS")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if kind == "labkit":
         run_merge_config(cfg_path, out, device=device, verbose=False)
     elif kind == "naive":
@@ -73,10 +73,10 @@ WORKER = textwrap.dedent("""
                                device="cuda" if device.startswith("cuda") else "cpu"))
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     peak = status_mb("VmHWM")
     gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
-    print("RESULT " + json.dumps({"seconds": seconds, "peak_rss_mb": None if peak is None else peak - before, "gpu_peak_mb": gpu}))
+    print("RESULT " + json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_mb": None if peak is None else peak - before, "gpu_peak_mb": gpu}))
 """)
 
 
@@ -167,42 +167,48 @@ def run(smoke: bool = False) -> dict:
             for _ in range(repeat):  # interleaved, so a busy moment on a shared machine hits every tool
                 for k in tools:
                     runs[k].append(_run_once(k, cfg_path, root / f"out_{k}", device))
-            best = {k: {"seconds": min(r["seconds"] for r in v), "peak_rss_mb": max(r["peak_rss_mb"] for r in v)}
-                    for k, v in runs.items()}
+            best = {k: {"seconds": min(r["seconds"] for r in v), "cpu_seconds": min(r["cpu_seconds"] for r in v),
+                        "peak_rss_mb": max(r["peak_rss_mb"] for r in v)} for k, v in runs.items()}
             lab, naive = best["labkit"], best["naive"]
             diff, n_diff = _same_output(root / "out_labkit", root / "out_naive")
             bound_mb = (n_inputs + 2) * largest / 2**20
             common = {"method": method, "inputs_MB": n_inputs * per_model / 2**20, "bound_MB": bound_mb}
             rows.append({**common, "tool": "naive load-all (baseline)", "seconds": naive["seconds"],
-                         "peak_rss_MB": naive["peak_rss_mb"], "time_ratio": 1.0, "mem_ratio": 1.0,
+                         "cpu_s": naive["cpu_seconds"], "peak_rss_MB": naive["peak_rss_mb"], "time_ratio": 1.0,
+                         "cpu_ratio": 1.0, "mem_ratio": 1.0,
                          "max_abs_diff": 0.0, "n_diff": 0})
-            rows.append({**common, "tool": "labkit merge", "seconds": lab["seconds"], "peak_rss_MB": lab["peak_rss_mb"],
-                         "time_ratio": lab["seconds"] / naive["seconds"],
+            rows.append({**common, "tool": "labkit merge", "seconds": lab["seconds"], "cpu_s": lab["cpu_seconds"],
+                         "peak_rss_MB": lab["peak_rss_mb"], "time_ratio": lab["seconds"] / naive["seconds"],
+                         "cpu_ratio": lab["cpu_seconds"] / naive["cpu_seconds"],
                          "mem_ratio": lab["peak_rss_mb"] / max(naive["peak_rss_mb"], 1e-9), "max_abs_diff": diff,
                          "n_diff": n_diff})
             if mk_version:
                 mk = best["mergekit"]
                 mk_diff, mk_n = _same_output(root / "out_labkit", root / "out_mergekit")
                 rows.append({**common, "tool": f"mergekit {mk_version}", "seconds": mk["seconds"],
-                             "peak_rss_MB": mk["peak_rss_mb"], "time_ratio": mk["seconds"] / naive["seconds"],
+                             "cpu_s": mk["cpu_seconds"], "peak_rss_MB": mk["peak_rss_mb"],
+                             "time_ratio": mk["seconds"] / naive["seconds"],
+                             "cpu_ratio": mk["cpu_seconds"] / naive["cpu_seconds"],
                              "mem_ratio": mk["peak_rss_mb"] / max(naive["peak_rss_mb"], 1e-9),
                              "max_abs_diff": mk_diff, "n_diff": mk_n})
             else:
-                rows.append({**common, "tool": "mergekit: not installed", "seconds": None, "peak_rss_MB": None,
-                             "time_ratio": None, "mem_ratio": None, "max_abs_diff": None, "n_diff": None})
+                rows.append({**common, "tool": "mergekit: not installed", "seconds": None, "cpu_s": None,
+                             "peak_rss_MB": None, "time_ratio": None, "cpu_ratio": None, "mem_ratio": None, "max_abs_diff": None, "n_diff": None})
     notes = (f"3 float32 checkpoints of {per_model / 2**20:.1f} MB each (largest tensor {largest / 2**20:.1f} MB); "
-             "ratios are against the naive baseline (time_ratio < 1: faster; mem_ratio < 1: less memory). "
+             "ratios are against the naive baseline (time_ratio: wall clock, cpu_ratio: CPU seconds of the process, "
+             "< 1: faster; mem_ratio < 1: less memory). "
              "bound_MB = (models + 2) x largest tensor, the streaming target. max_abs_diff / n_diff: labkit's "
              "output vs that tool's (largest difference, entries differing by more than 1e-6); against mergekit's "
              "ties the few differing entries are those whose |delta| ties exactly with the trim cut (both keep "
              "exactly k entries and break such ties differently). Peak RSS is the OS's resident set: labkit reads with seek+readinto (no mmap); "
              "safetensors.load_file copies whole files into memory; mergekit memory-maps its inputs, so the pages "
              "it touched count too although the OS could drop them. Time: fastest of "
-             f"{repeat} fresh process(es); on a shared CPU timings vary by 20% or more.")
+             f"{repeat} fresh process(es), interleaved; on a shared CPU wall times vary by 2x between runs, CPU seconds "
+             "much less, so compare cpu_ratio there.")
     if not mk_version:
         notes += " mergekit is not installed here, so no mergekit ratio is reported."
     return {"title": f"labkit merge vs whole-state-dict merging{' (smoke)' if smoke else ''}",
             "baseline": "naive: load every full state dict (safetensors.torch.load_file), merge in memory, save_file",
-            "columns": ["method", "tool", "inputs_MB", "seconds", "peak_rss_MB", "bound_MB", "time_ratio",
-                        "mem_ratio", "max_abs_diff", "n_diff"],
+            "columns": ["method", "tool", "inputs_MB", "seconds", "cpu_s", "peak_rss_MB", "bound_MB", "time_ratio",
+                        "cpu_ratio", "mem_ratio", "max_abs_diff", "n_diff"],
             "rows": rows, "notes": notes}
