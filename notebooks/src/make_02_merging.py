@@ -466,6 +466,14 @@ cells += [
           detail=f"add {m['add']:.3f} vs {f_add['add']:.3f}, sort {m['sort']:.3f} vs {f_sort['sort']:.3f}")
     """),
     nt.markdown(r"""
+    Read the fine-tunes' rows first. `lm/ft-add` and `lm/ft-sort` were fine-tuned on their new task
+    only; where their copy/rev/count columns are near 0 they **forgot** the base's skills while
+    learning the new one (catastrophic forgetting). Their task vectors then say "forget the rest" as
+    much as "learn the new task", and nothing guarantees that two of them add up to a model with both
+    skills. The task-vector papers fine-tune large pre-trained models gently, so that fine-tuning
+    keeps the base's abilities and moves the weights only a little. Whatever the table shows here is
+    what the claim records.
+
     Subtracting $\tau_{sort}$ from the multi-task model is, algebraically, just $\theta_{base} +
     \tau_{add}$. Negation becomes interesting for a behaviour the **base already has**. `lm/base` was
     trained on chat sentences of which a quarter contain "darn"; `lm/chat-darn` was fine-tuned on
