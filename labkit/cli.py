@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -123,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as e:
+        # bad input (a config, a path, a zoo entry) is the user's to fix: say what, without a traceback
+        if os.environ.get("LABKIT_DEBUG") == "1":
+            raise
+        print(f"labkit {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
