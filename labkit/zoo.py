@@ -115,6 +115,11 @@ for _i, (_lr, _wd, _ls, _noise) in enumerate(_SOUP_GRID):
             f"label smoothing {_ls}, noise augmentation {_noise}, seed {30 + _i}",
             arch=_MLP, parent="digits/soup-base", seed=30 + _i, steps=600, lr=_lr, weight_decay=_wd,
             label_smoothing=_ls, noise=_noise, batch_size=64)
+# task vectors on digits: fine-tunes of the soup's base on one shifted domain each
+for _i, _kind in enumerate(("rotate", "thicken", "noise")):
+    _digits(f"digits/task-{_kind}", f"digits/soup-base fine-tuned on {_kind}d training digits only (a 'task'), "
+            f"seed {40 + _i}", arch=_MLP, parent="digits/soup-base", seed=40 + _i, steps=400, lr=1e-3,
+            weight_decay=1e-4, batch_size=64, train_shift=_kind)
 
 
 def names(prefix: str = "") -> list[str]:
@@ -303,13 +308,17 @@ def _noise_augment(std):
 
 
 def _build_digits(name, recipe, device):
-    from .data import load_digits, load_digits_shifted
+    from .data import load_digits, load_digits_shifted, shift_digits
     from .models import make_classifier, save_classifier
     from .train import accuracy, train_classifier
 
     torch.manual_seed(recipe["seed"])
     model = make_classifier(recipe["arch"]) if "parent" not in recipe else load(recipe["parent"], device=device)
     d = load_digits()
+    X_train = d.X_train
+    if recipe.get("train_shift"):
+        # seed 100: these shifted training images are never the shifted test images (seed 0)
+        X_train = shift_digits(d.X_train, recipe["train_shift"], seed=100)
     steps = recipe["steps"]
     stop_at = recipe.get("stop_at", steps)
 
@@ -321,7 +330,7 @@ def _build_digits(name, recipe, device):
             raise _Stop
 
     try:
-        train_classifier(model, d.X_train, d.y_train, steps=steps, batch_size=recipe["batch_size"],
+        train_classifier(model, X_train, d.y_train, steps=steps, batch_size=recipe["batch_size"],
                          lr=recipe["lr"], weight_decay=recipe["weight_decay"],
                          label_smoothing=recipe.get("label_smoothing", 0.0),
                          augment=_noise_augment(recipe["noise"]) if recipe.get("noise") else None,
@@ -331,7 +340,7 @@ def _build_digits(name, recipe, device):
         model.eval()
     metrics = {"val_accuracy": round(accuracy(model, d.X_val, d.y_val), 4),
                "test_accuracy": round(accuracy(model, d.X_test, d.y_test), 4)}
-    for kind in ("noise", "rotate"):
+    for kind in dict.fromkeys(("noise", "rotate", recipe.get("train_shift") or "noise")):
         Xs, ys = load_digits_shifted(kind)
         metrics[f"test_{kind}_accuracy"] = round(accuracy(model, Xs, ys), 4)
     return model, metrics, lambda dirname: save_classifier(model, dirname)
