@@ -29,7 +29,7 @@ In this lab you will
    fine-tunes of one base works, and how **aligning** hidden units repairs the first case;
 2. average checkpoints of one training run;
 3. cook **model soups** (uniform and greedy) and compare averaging with ensembling;
-4. do **task arithmetic** on small language models: add skills, remove one, scale them;
+4. do **task arithmetic** on small language models and on digit classifiers: add skills, remove one, scale them;
 5. implement **TIES** and compare it with task arithmetic and linear merging, look at **DARE** and **SLERP**;
 6. run the same merge from a **mergekit YAML file** with `labkit merge`.
 
@@ -553,6 +553,107 @@ cells += [
                                                         np.mean(list(conflicts_trimmed.values()))])
     """),
     nt.markdown(r"""
+    ### Where task vectors do work: fine-tunes that stay close to their base
+
+    Task arithmetic assumes that a fine-tune stays in its base's neighbourhood, where the effects of
+    parameter changes add up roughly linearly. Large pre-trained models fine-tuned gently are like that.
+    Our language-model fine-tunes are not: a few hundred steps on one task moved them so far that even
+    half a task vector loses the skill. The digit classifiers are a friendlier case:
+    `digits/task-rotate`, `digits/task-thicken` and `digits/task-noise` are the soup's base
+    (`digits/soup-base`) fine-tuned for 400 small steps on rotated, thick-stroked or noisy training
+    digits only. Each domain plays the part of a task. As before, $\lambda$ is chosen on *validation*
+    digits (shifted the same way) and the table reports *test* accuracy.
+    """),
+    nt.code("""
+    from labkit.data import shift_digits
+    from labkit.train import accuracy
+
+    digits = load_digits()
+    domains = ["rotate", "thicken", "noise"]
+    shifted = {k: {"val": shift_digits(digits.X_val, k, seed=1), "test": shift_digits(digits.X_test, k, seed=0)}
+               for k in domains}
+    d_base = zoo.load("digits/soup-base", device=device)
+    d_ft = {k: zoo.load(f"digits/task-{k}", device=device) for k in domains}
+    d_tau = {k: merge.TaskVector.between(d_base, m) for k, m in d_ft.items()}
+    d_probe = copy.deepcopy(d_base)
+
+
+    def domain_accuracy(state, split="test"):
+        \"\"\"Accuracy of a digits state dict on clean digits and on each shifted domain.\"\"\"
+        d_probe.load_state_dict(state)
+        X, y = (digits.X_val, digits.y_val) if split == "val" else (digits.X_test, digits.y_test)
+        return {"clean": accuracy(d_probe, X, y), **{k: accuracy(d_probe, shifted[k][split], y) for k in domains}}
+
+
+    def best_on_validation(states, on):
+        \"\"\"The key of the state with the best mean validation accuracy over the domains ``on``.\"\"\"
+        return max(states, key=lambda key: np.mean([domain_accuracy(states[key], "val")[k] for k in on]))
+
+
+    digit_rows = {"base": domain_accuracy(d_base.state_dict())}
+    digit_rows.update({f"fine-tuned on {k}": domain_accuracy(m.state_dict()) for k, m in d_ft.items()})
+    print("what each fine-tune adds over the base (test accuracy, + means better):")
+    for k in domains:
+        print(f"  {k:8s}: {'+' if digit_rows[f'fine-tuned on {k}'][k] > digit_rows['base'][k] else '-'}")
+    """),
+    nt.code("""
+    # NBVAL_IGNORE_OUTPUT
+    skills_added = [k for k in domains if digit_rows[f"fine-tuned on {k}"][k] > digit_rows["base"][k] + 0.05]
+    lambdas_d = [0.2, 0.4, 0.6, 0.8, 1.0]
+    tau_skills = sum((d_tau[k] for k in skills_added), start=0 * d_tau[domains[0]])
+    ta_states = {lam: tau_skills.apply_to(d_base, scale=lam) for lam in lambdas_d}
+    lam_ta = best_on_validation(ta_states, skills_added)
+    digit_rows[f"base + {lam_ta} x sum of tau ({', '.join(skills_added)})"] = domain_accuracy(ta_states[lam_ta])
+    neg_lam = 0.5
+    digit_rows[f"base - {neg_lam} x tau_rotate"] = domain_accuracy(d_tau["rotate"].apply_to(d_base, scale=-neg_lam))
+    print(f"fine-tunes that add a skill (> 0.05 over the base on their domain): {skills_added}")
+    print(f"{'model':48s} " + " ".join(f"{c:>8s}" for c in ["clean", *domains]))
+    for name, r in digit_rows.items():
+        print(f"{name:48s} " + " ".join(f"{r[c]:8.3f}" for c in ["clean", *domains]))
+    record("digits task vectors (test accuracy)", digit_rows)
+
+    merged = digit_rows[f"base + {lam_ta} x sum of tau ({', '.join(skills_added)})"]
+    claim("task vectors on digits: adding them gives a model better than the base on every added skill",
+          len(skills_added) >= 2 and all(merged[k] > digit_rows["base"][k] for k in skills_added),
+          detail=f"skills {skills_added}, lambda {lam_ta}: " +
+          ", ".join(f"{k} {digit_rows['base'][k]:.3f} -> {merged[k]:.3f}" for k in skills_added))
+    negated = digit_rows[f"base - {neg_lam} x tau_rotate"]
+    kept = [k for k in ["clean", "thicken", "noise"] if negated[k] >= digit_rows["base"][k] - 0.05]
+    claim("task vectors on digits: negating tau_rotate removes that skill and keeps the others",
+          negated["rotate"] < digit_rows["base"]["rotate"] - 0.1 and len(kept) == 3,
+          detail=f"rotate {digit_rows['base']['rotate']:.3f} -> {negated['rotate']:.3f}; "
+          f"kept within 0.05: {kept}")
+    """),
+    nt.markdown(r"""
+    With three domains the fine-tunes also *interfere*: thick strokes and rotation pull shared weights
+    in different directions, and the noise fine-tune adds little. That is the setting TIES was designed
+    for. Each method gets its $\lambda$ (or its weight, for the plain average) chosen on validation.
+    """),
+    nt.code("""
+    # NBVAL_IGNORE_OUTPUT
+    three = list(d_ft.values())
+    candidates = {
+        "linear (average of fine-tunes)": {1.0: merge.merge("linear", three, weight=1.0)},
+        "task arithmetic": {lam: sum(d_tau.values(), start=0 * d_tau["rotate"]).apply_to(d_base, scale=lam)
+                            for lam in lambdas_d},
+        "TIES (density 0.2)": {lam: merge.merge("ties", three, base=d_base, weight=1.0, density=0.2, **{"lambda": lam})
+                               for lam in [0.5, 1.0, 1.5, 2.0]},
+    }
+    multi = {}
+    for name, states in candidates.items():
+        lam = best_on_validation(states, domains)
+        acc = domain_accuracy(states[lam])
+        multi[name] = {"lambda": lam, **acc, "mean over domains": float(np.mean([acc[k] for k in domains]))}
+        print(f"{name:32s} lambda {lam:<4} clean {acc['clean']:.3f}  mean over the three domains "
+              f"{multi[name]['mean over domains']:.3f}")
+    record("digits multi-domain merge (test)", multi)
+    ties_mean = multi["TIES (density 0.2)"]["mean over domains"]
+    claim("TIES beats task arithmetic and linear averaging on a multi-task merge with interference (digits)",
+          ties_mean > max(multi["task arithmetic"]["mean over domains"],
+                          multi["linear (average of fine-tunes)"]["mean over domains"]),
+          detail=", ".join(f"{k}: {v['mean over domains']:.3f}" for k, v in multi.items()))
+    """),
+    nt.markdown(r"""
     ## 5. TIES, DARE and SLERP
 
     **TIES-merging** (Yadav et al. 2023) resolves interference in three steps, per parameter:
@@ -765,9 +866,13 @@ cells += [
       better single model; the greedy soup never loses on the data it was selected with.
     * Averaging tracks ensembling closely at a fraction of the inference cost, but it is not a free
       ensemble, and outside a shared initialisation it breaks where ensembling does not.
-    * Task vectors turn fine-tunes into values: add skills, subtract behaviours, scale them.
-    * TIES, DARE and SLERP are refinements of the same idea; mergekit's YAML is how practitioners run
-      them, and `labkit merge` reads it.
+    * Task vectors turn fine-tunes into values: add skills, subtract behaviours, scale them. They
+      need fine-tunes that stay near their base: on the digit classifiers adding and negating them
+      worked; on our tiny language models, whose fine-tunes moved far, they did not (see the claims
+      above, and `labkit labs`' report for this run's numbers).
+    * TIES, DARE and SLERP are refinements of the same idea; on our small merges TIES did not beat the
+      simpler methods, which is worth knowing before trusting a leaderboard recipe. mergekit's YAML is
+      how practitioners run them, and `labkit merge` reads it.
     """),
 ]
 
