@@ -29,6 +29,21 @@ def _optimizer(model, lr, weight_decay):
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
 
 
+def _optimizer_step(model, opt, loss, grad_clip) -> float:
+    """Backward, clip the global gradient norm, step; return the loss as a float."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss.item()
+
+
+def _set_lr(opt, lr, step, steps, warmup) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr * cosine_schedule(step, steps, warmup)
+
+
 def _progress_bar(total, enabled, desc):
     if not enabled:
         return None
@@ -80,20 +95,14 @@ def train_lm(model, data, steps: int, batch_size: int = 128, lr: float = 3e-3, w
         batch = {k: v[idx] for k, v in enc.items()}
         width = int(batch["attention_mask"].sum(1).max())  # trim shared right padding
         batch = {k: v[:, :width] for k, v in batch.items()}
-        for group in opt.param_groups:
-            group["lr"] = lr * cosine_schedule(step, steps, warmup)
+        _set_lr(opt, lr, step, steps, warmup)
         with autocast(device):
             out = model(**batch)
             loss = out.loss if extra_loss is None else out.loss + extra_loss(out)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        history["loss"].append(loss.item())
+        history["loss"].append(_optimizer_step(model, opt, loss, grad_clip))
         if bar is not None:
             bar.update(1)
-            bar.set_description(f"train_lm loss {loss.item():.3f}")
+            bar.set_description(f"train_lm loss {history['loss'][-1]:.3f}")
         if eval_data is not None and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
             evaluate(step + 1)
     if eval_data is not None:
@@ -164,16 +173,10 @@ def train_classifier(model, X, y, steps: int = 1000, batch_size: int = 64, lr: f
         xb, yb = X[idx], y[idx]
         if augment is not None:
             xb = augment(xb, gen)
-        for group in opt.param_groups:
-            group["lr"] = lr * cosine_schedule(step, steps, warmup)
+        _set_lr(opt, lr, step, steps, warmup)
         with autocast(device):
             loss = F.cross_entropy(model(xb).float(), yb, label_smoothing=label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        history["loss"].append(loss.item())
+        history["loss"].append(_optimizer_step(model, opt, loss, grad_clip))
         if bar is not None:
             bar.update(1)
         if X_val is not None and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
