@@ -269,15 +269,13 @@ def print_listing() -> None:
 
 
 def _lm_metrics(model, n_eval: int = 200) -> dict:
-    from .data import generate_answers, make_task_dataset, unwanted_rate
+    from .data import exact_match, generate_answers, make_task_dataset, unwanted_rate
     from .device import seed_everything
 
     metrics = {}
     for task in LM_EVAL_TASKS:
-        from .data import exact_match
-
-        metrics[f"exact_match/{task}"] = round(exact_match(model, make_task_dataset(task, n_eval, seed=99,
-                                                                                   split="test")), 4)
+        test_set = make_task_dataset(task, n_eval, seed=99, split="test")
+        metrics[f"exact_match/{task}"] = round(exact_match(model, test_set), 4)
     seed_everything(0)
     texts = generate_answers(model, ["t:"] * n_eval, max_new_tokens=40, do_sample=True, seed=0)
     metrics["chat/unwanted_rate"] = round(unwanted_rate(texts), 4)
