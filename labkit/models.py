@@ -183,3 +183,36 @@ def load_pretrained(name_or_path, device=None, dtype=None, allow_download: bool 
         tokenizer = None
     device = torch.device(device) if device is not None else get_device()
     return model.to(device).eval(), tokenizer
+
+
+def check_same_vocab(tokenizers, names=None, allow_mismatch: bool = False) -> None:
+    """Refuse to combine models whose tokenizers give different ids to the same tokens.
+
+    Ensembling logits and merging embeddings both index by token id: two tokenizers with the same
+    vocabulary *size* but a different token -> id map combine unrelated rows, silently. ``tokenizers``
+    are objects with ``get_vocab()`` (transformers tokenizers) or plain ``{token: id}`` dicts; ``None``
+    entries (a model saved without a tokenizer) are skipped. Raises ValueError naming the two models
+    and the first token (in id order) on which they differ. ``allow_mismatch=True`` is the override for
+    users who map vocabularies themselves (e.g. ``EnsembleLM(token_maps=...)``).
+    """
+    if allow_mismatch:
+        return
+    names = list(names) if names is not None else [f"model {i}" for i in range(len(tokenizers))]
+    vocabs = [(n, t if isinstance(t, dict) else t.get_vocab()) for n, t in zip(names, tokenizers)
+              if t is not None]
+    if len(vocabs) < 2:
+        return
+    ref_name, ref = vocabs[0]
+    ref_by_id = {i: tok for tok, i in ref.items()}
+    for name, vocab in vocabs[1:]:
+        if vocab == ref:
+            continue
+        by_id = {i: tok for tok, i in vocab.items()}
+        for i in sorted(set(ref_by_id) | set(by_id)):
+            a, b = ref_by_id.get(i), by_id.get(i)
+            if a != b:
+                raise ValueError(
+                    f"tokenizers differ: id {i} is {a!r} in {ref_name} but {b!r} in {name} "
+                    f"(vocabularies of {len(ref)} and {len(vocab)} tokens); models must share a "
+                    "tokenizer to be combined token by token")
+        raise ValueError(f"tokenizers differ between {ref_name} and {name} (same ids, different tokens)")

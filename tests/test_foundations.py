@@ -369,3 +369,29 @@ def test_load_pretrained_local_dir_and_offline_refusal(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="does not download by default"):
         models.load_pretrained("labkit-nonexistent/model-xyz")
+
+
+def test_check_same_vocab_names_first_differing_token():
+    from labkit.models import check_same_vocab
+    a = {"<pad>": 0, "a": 1, "b": 2, "c": 3}
+    check_same_vocab([a, dict(a), None], names=["x", "y", "z"])  # identical or missing: fine
+    swapped = {"<pad>": 0, "a": 1, "c": 2, "b": 3}  # same size, ids 2 and 3 swapped
+    with pytest.raises(ValueError, match=r"id 2 is 'b' in x but 'c' in y"):
+        check_same_vocab([a, swapped], names=["x", "y"])
+    bigger = dict(a, d=4)
+    with pytest.raises(ValueError, match=r"id 4 is None in x but 'd' in y"):
+        check_same_vocab([a, bigger], names=["x", "y"])
+    check_same_vocab([a, swapped], allow_mismatch=True)
+
+
+def test_check_same_vocab_on_kit_tokenizer():
+    from labkit.data import get_tokenizer
+    from labkit.models import check_same_vocab
+    tok = get_tokenizer()
+    check_same_vocab([tok, get_tokenizer()])
+    vocab = tok.get_vocab()
+    first, second = sorted(vocab, key=vocab.get)[5:7]
+    other = dict(vocab)
+    other[first], other[second] = vocab[second], vocab[first]
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        check_same_vocab([tok, other])
