@@ -77,8 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(func=_zoo)
 
     r = sub.add_parser("release", help="write student versions of the solution notebooks")
-    r.add_argument("notebooks", nargs="*", help="solution notebooks (default: notebooks/*.ipynb)")
-    r.add_argument("--out", default="release", help="output folder (default: release/)")
+    r.add_argument("notebooks", nargs="*", help="solution notebooks (default: the kit's notebooks/*.ipynb)")
+    r.add_argument("--out", default=None, help="output folder (default: release/ of the kit's checkout)")
+    r.add_argument("--url", default=None,
+                   help="GitHub folder the release is published to, https://github.com/OWNER/REPO/tree/BRANCH/FOLDER "
+                        "(Colab badges and the install cell point there; default: [tool.labkit] release-url, "
+                        "else the repository's release/ folder)")
     r.add_argument("--force", action="store_true", help="overwrite existing files in --out")
     r.set_defaults(func=_release)
 
