@@ -87,8 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_release)
 
     g = sub.add_parser("grade", help="grade student submissions")
-    g.add_argument("submissions", nargs="+", help="submitted notebooks")
-    g.add_argument("--out", required=True, help="folder for grades.csv and feedback files")
+    g.add_argument("submissions", nargs="+",
+                   help="submitted notebooks, or folders of them (STUDENT/LAB.ipynb or STUDENT_LAB.ipynb)")
+    g.add_argument("--out", required=True, help="folder for gradebook.csv, grades.csv, report.md and feedback/")
+    g.add_argument("--roster", default=None,
+                   help="CSV with the class: id, name, aliases (file-name aliases; default: names from the files)")
     g.add_argument("--cell-timeout", type=float, default=120.0, help="seconds per cell (default 120)")
     g.add_argument("--timeout", type=float, default=900.0, help="seconds per notebook (default 900)")
     g.add_argument("--jobs", type=int, default=None, help="parallel graders (default: CPU cores)")

@@ -176,7 +176,7 @@ def test_check_wrong_answer_partial_points_and_no_raise(demo_question, capsys):
     def forgets_t(x, t=1.0):
         return torch.softmax(x, -1)
 
-    r = check("zztest.softmax", forgets_t, hidden=True)
+    r = check("zztest.softmax", forgets_t, hidden=True, strict=False)
     out = capsys.readouterr().out
     assert out.splitlines()[0] == "✗ zztest.softmax: 1/3 cases (visible + hidden) passed, 1/3 points"
     assert "✗ temperature: probs at T=0.5: 15 of 15 values differ (shape [3, 5], torch.float32 on cpu); max abs error" in out
@@ -224,7 +224,7 @@ def test_check_not_implemented_is_one_line(demo_question, capsys):
     def stub(x, t=1.0):
         raise NotImplementedError("TODO: implement softmax()")
 
-    r = check("zztest.softmax", stub, hidden=True)
+    r = check("zztest.softmax", stub, hidden=True, strict=False)
     assert capsys.readouterr().out.strip() == "✗ zztest.softmax: not implemented yet, 0/3 cases (visible + hidden) passed, 0/3 points"
     assert r.cases[0].status == "todo" and r.points == 0
 
@@ -266,6 +266,17 @@ def test_check_strict_mode_raises_after_printing(demo_question, monkeypatch, cap
         check("zztest.softmax", lambda x, t=1.0: x)
     assert "✗ basic" in capsys.readouterr().out
     check("zztest.softmax", _good)  # a passing check never raises
+
+
+def test_hidden_check_raises_after_printing_so_nbgrader_scores_a_wrong_answer_zero(demo_question, capsys):
+    # nbgrader gives a graded test cell full marks unless it raises: the hidden cells must raise
+    with pytest.raises(AssertionError, match="zztest.softmax: 1/3 cases passed"):
+        check("zztest.softmax", lambda x, t=1.0: torch.softmax(x, -1), hidden=True)
+    assert "✗ temperature" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="0/3 cases passed"):
+        check("zztest.softmax", lambda x, t=1.0: (_ for _ in ()).throw(NotImplementedError()), hidden=True)
+    assert check("zztest.softmax", _good, hidden=True).ok  # a right answer never raises
+    assert not check("zztest.softmax", lambda x, t=1.0: x).ok  # the visible check is a learning aid: no raise
 
 
 def test_result_display_is_silent_and_repr_is_short(demo_question, capsys):
@@ -341,5 +352,5 @@ def test_welcome_questions_accept_a_correct_answer_and_reject_a_wrong_one(capsys
     for qid, fn in [("welcome.softmax", softmax_t), ("welcome.accuracy", accuracy),
                     ("welcome.average_probs", average_probs), ("welcome.agreement", agreement)]:
         assert check(qid, fn, hidden=True).ok, capsys.readouterr().out
-    naive = check("welcome.softmax", lambda z, temperature=1.0: z.div(temperature).exp() / z.div(temperature).exp().sum(-1, keepdim=True), hidden=True)
+    naive = check("welcome.softmax", lambda z, temperature=1.0: z.div(temperature).exp() / z.div(temperature).exp().sum(-1, keepdim=True), hidden=True, strict=False)
     assert [c.name for c in naive.cases if not c.passed] == ["large logits stay finite", "T <= 0 raises ValueError"]

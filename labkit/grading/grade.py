@@ -339,27 +339,21 @@ def feedback_markdown(graded: dict, questions: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_reports(graded: list[dict], subs: dict[str, Submission], out: Path) -> Path:
-    qcols: list[str] = []
-    for g in graded:
-        for q in subs[g["student"]].questions:
-            if q["qid"] not in qcols:
-                qcols.append(q["qid"])
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / "grades.csv"
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["student", "notebook", *qcols, "total", "max"])
-        for g in graded:
-            res, qs = g["results"], subs[g["student"]].questions
-            total = sum(r["points"] for r in res.values())
-            w.writerow([g["student"], g["notebook"], *(_pts(res[c]["points"]) if c in res else "" for c in qcols),
-                        _pts(total), _pts(sum(q["points"] for q in qs))])
-    fb = out / "feedback"
-    fb.mkdir(exist_ok=True)
-    for g in graded:
-        (fb / f"{g['student']}.md").write_text(feedback_markdown(g, subs[g["student"]].questions), encoding="utf-8")
-    return csv_path
+def _write_reports(graded: list[dict], subs: dict[str, Submission], out: Path, problems: list[str] = (),
+                   roster=None):
+    """The gradebook (labkit.grading.gradebook): gradebook.csv, grades.csv, report.md, histograms/ and
+    feedback/STUDENT/LAB.md; returns it."""
+    from . import gradebook
+    from .questions import notebooks
+
+    book = gradebook.build([(subs[g["student"]].path, g) for g in graded], roster, problems, labs=notebooks())
+
+    def feedback(entry) -> str:
+        questions = subs[entry.result["student"]].questions
+        return feedback_markdown({**entry.result, "student": entry.student}, questions)
+
+    gradebook.write(book, out, feedback)
+    return book
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,8 +392,10 @@ def prepare(paths: list[str | Path]) -> tuple[list[Submission], list[str]]:
 
 
 def grade(paths: list[str | Path], out: str | Path, cell_timeout: float = 120.0, timeout: float = 900.0,
-          jobs: int | None = None, save_executed: bool = True) -> tuple[list[dict], list[str], Path | None]:
-    """Grade submissions; return (graded dicts, problems, path of grades.csv or None)."""
+          jobs: int | None = None, save_executed: bool = True, roster=None):
+    """Grade submissions and write the gradebook into ``out``; return (graded dicts, problems, gradebook).
+
+    ``roster``: gradebook.read_roster's entries (None: students are named by their files)."""
     out = Path(out)
     subs, problems = prepare(paths)
     hashes = {s.path: hashlib.sha256(s.raw).hexdigest() for s in subs}
@@ -422,24 +418,64 @@ def grade(paths: list[str | Path], out: str | Path, cell_timeout: float = 120.0,
     for g in graded:
         if g.get("error"):
             problems.append(f"{g['student']}: {g['error']}")
-    csv_path = _write_reports(graded, {s.student: s for s in subs}, out) if graded else None
-    return graded, problems, csv_path
+    book = _write_reports(graded, {s.student: s for s in subs}, out, problems, roster)
+    return graded, problems, book
+
+
+def _positive(value, option: str, kind=float):
+    import math
+
+    if value is None:
+        return None
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0 and kind(value) == value):
+        what = "a positive whole number" if kind is int else "a positive number of seconds"
+        raise ValueError(f"{option} must be {what}, got {value:g}")
+    return kind(value)
+
+
+def submission_paths(items: list[str], out: str | Path) -> list[Path]:
+    """The notebooks to grade: each file as given, each folder's ``*.ipynb`` (recursively, sorted; hidden
+    folders such as .ipynb_checkpoints and the ``out`` folder skipped). ValueError names missing paths."""
+    out_dir = Path(out).resolve()
+    missing = [i for i in items if not Path(i).exists()]
+    if missing:
+        raise ValueError(f"no such submission: {', '.join(missing)}")
+    paths: list[Path] = []
+    for item in map(Path, items):
+        if not item.is_dir():
+            paths.append(item)
+            continue
+        found = [p for p in sorted(item.rglob("*.ipynb"))
+                 if not any(part.startswith(".") for part in p.relative_to(item).parts)
+                 and out_dir not in p.resolve().parents]
+        if not found:
+            raise ValueError(f"no notebooks (*.ipynb) in the folder {item}")
+        paths += found
+    return list(dict.fromkeys(paths))
 
 
 def grade_cli(args) -> int:
-    t0 = time.monotonic()
-    graded, problems, csv_path = grade(args.submissions, args.out, cell_timeout=args.cell_timeout,
-                                       timeout=args.timeout, jobs=getattr(args, "jobs", None))
-    for p in problems:
-        print(f"labkit grade: could not grade {p}", file=sys.stderr)
-    if graded:
-        totals = [sum(r["points"] for r in g["results"].values()) for g in graded]
-        nbs = ", ".join(sorted({g["notebook"] for g in graded}))
-        mx = max(sum(r["max_points"] for r in g["results"].values()) for g in graded)
-        print(f"graded {len(graded)} of {len(args.submissions)} submission(s) ({nbs}) in {time.monotonic() - t0:.0f} s: "
-              f"mean {sum(totals) / len(totals):.2f} / {_pts(mx)} points (min {_pts(min(totals))}, max {_pts(max(totals))})"
-              f" -> {csv_path}, {Path(args.out) / 'feedback'}/")
-    else:
-        print(f"graded 0 of {len(args.submissions)} submission(s)")
-    return 1 if problems else 0
+    """Exit 0: every file graded and counted; 1: a file could not be graded or counted (named on stderr);
+    bad arguments raise ValueError (the CLI prints one line and exits 2)."""
+    from . import gradebook
 
+    t0 = time.monotonic()
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    cell_timeout = _positive(args.cell_timeout, "--cell-timeout")
+    timeout = _positive(args.timeout, "--timeout")
+    jobs = _positive(getattr(args, "jobs", None), "--jobs", int)
+    roster = gradebook.read_roster(args.roster) if getattr(args, "roster", None) else None
+    paths = submission_paths(args.submissions, out)
+    graded, problems, book = grade(paths, out, cell_timeout=cell_timeout, timeout=timeout, jobs=jobs, roster=roster)
+    for line in book.notices():
+        print(f"labkit grade: {line}", file=sys.stderr)
+    for s in book.summaries():
+        stats = (f"mean {s.mean:.2f}, median {_pts(s.median)}, min {_pts(min(s.totals))}, max {_pts(max(s.totals))}"
+                 if s.totals else "none counted")
+        print(f"{s.lab}: {s.n} counted of {_pts(s.max_points)} points: {stats}")
+    print(f"graded {len(graded)} of {len(paths)} file(s) for {len(book.students)} student(s) in "
+          f"{time.monotonic() - t0:.0f} s -> {out / 'gradebook.csv'}, {out / 'report.md'}, {out / 'feedback'}/")
+    failed = problems or book.duplicates or any(g.get("error") for g in graded)
+    return 1 if failed else 0

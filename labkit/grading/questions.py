@@ -340,7 +340,7 @@ def run_question(qid: str, fn, hidden: bool = False) -> CheckResult:
     return CheckResult(q.id, q.points, cases, hidden)
 
 
-def check(qid: str, fn, hidden: bool = False) -> CheckResult:
+def check(qid: str, fn, hidden: bool = False, strict: bool | None = None) -> CheckResult:
     """Run question ``qid``'s visible cases (and hidden ones with ``hidden=True``) on ``fn``; print a verdict.
 
     Never raises for a wrong or crashing answer: it prints one line per case (expected vs got, shapes,
@@ -348,9 +348,13 @@ def check(qid: str, fn, hidden: bool = False) -> CheckResult:
     returns a CheckResult (``.passed``, ``.total``, ``.points``). Set ``LABKIT_CHECK_STRICT=1`` to make a
     failed check raise after printing (for nbgrader's autograder, which scores a test cell by whether it
     raises). An unknown ``qid`` raises UnknownQuestion listing the known ids.
+
+    ``strict`` (default: ``hidden``): a failed check raises CheckFailure (an AssertionError) after
+    printing, so the hidden test cells score 0 under nbgrader's autograder for a wrong answer.
     """
+    strict = hidden if strict is None else strict
     result = run_question(qid, fn, hidden)
     print(result.verdict())
-    if not result.ok and os.environ.get("LABKIT_CHECK_STRICT", "") not in ("", "0"):
+    if not result.ok and (strict or os.environ.get("LABKIT_CHECK_STRICT", "") not in ("", "0")):
         raise CheckFailure(f"{qid}: {result.passed}/{result.total} cases passed")
     return result
