@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -27,9 +28,22 @@ def _release(args) -> int:
     return release_cli(args)
 
 
+def _positive(value, option: str, kind=float):
+    """``value`` if it is a positive finite number (a whole one for ``kind=int``), else ValueError naming ``option``."""
+    if value is None:
+        return None
+    if not (math.isfinite(value) and value > 0 and kind(value) == value):
+        what = "a positive whole number" if kind is int else "a positive number of seconds"
+        raise ValueError(f"{option} must be {what}, got {value:g}")
+    return kind(value)
+
+
 def _grade(args) -> int:
     from .grading.grade import grade_cli
 
+    args.cell_timeout = _positive(args.cell_timeout, "--cell-timeout")
+    args.timeout = _positive(args.timeout, "--timeout")
+    args.jobs = _positive(args.jobs, "--jobs", int)
     return grade_cli(args)
 
 

@@ -14,7 +14,6 @@ file per submission are written, and a one-line summary is printed.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import multiprocessing
@@ -422,53 +421,20 @@ def grade(paths: list[str | Path], out: str | Path, cell_timeout: float = 120.0,
     return graded, problems, book
 
 
-def _positive(value, option: str, kind=float):
-    import math
-
-    if value is None:
-        return None
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0 and kind(value) == value):
-        what = "a positive whole number" if kind is int else "a positive number of seconds"
-        raise ValueError(f"{option} must be {what}, got {value:g}")
-    return kind(value)
-
-
-def submission_paths(items: list[str], out: str | Path) -> list[Path]:
-    """The notebooks to grade: each file as given, each folder's ``*.ipynb`` (recursively, sorted; hidden
-    folders such as .ipynb_checkpoints and the ``out`` folder skipped). ValueError names missing paths."""
-    out_dir = Path(out).resolve()
-    missing = [i for i in items if not Path(i).exists()]
-    if missing:
-        raise ValueError(f"no such submission: {', '.join(missing)}")
-    paths: list[Path] = []
-    for item in map(Path, items):
-        if not item.is_dir():
-            paths.append(item)
-            continue
-        found = [p for p in sorted(item.rglob("*.ipynb"))
-                 if not any(part.startswith(".") for part in p.relative_to(item).parts)
-                 and out_dir not in p.resolve().parents]
-        if not found:
-            raise ValueError(f"no notebooks (*.ipynb) in the folder {item}")
-        paths += found
-    return list(dict.fromkeys(paths))
-
-
 def grade_cli(args) -> int:
     """Exit 0: every file graded and counted; 1: a file could not be graded or counted (named on stderr);
-    bad arguments raise ValueError (the CLI prints one line and exits 2)."""
+    bad arguments raise ValueError (the CLI prints one line and exits 2). The numbers are checked by
+    labkit.cli."""
     from . import gradebook
 
     t0 = time.monotonic()
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
-    cell_timeout = _positive(args.cell_timeout, "--cell-timeout")
-    timeout = _positive(args.timeout, "--timeout")
-    jobs = _positive(getattr(args, "jobs", None), "--jobs", int)
     roster = gradebook.read_roster(args.roster) if getattr(args, "roster", None) else None
-    paths = submission_paths(args.submissions, out)
-    graded, problems, book = grade(paths, out, cell_timeout=cell_timeout, timeout=timeout, jobs=jobs, roster=roster)
+    paths = gradebook.find_submissions(args.submissions, out)
+    graded, problems, book = grade(paths, out, cell_timeout=args.cell_timeout, timeout=args.timeout,
+                                   jobs=getattr(args, "jobs", None), roster=roster)
     for line in book.notices():
         print(f"labkit grade: {line}", file=sys.stderr)
     for s in book.summaries():

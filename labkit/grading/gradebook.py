@@ -143,6 +143,27 @@ class Identifier:
         return candidates[0], not self.roster
 
 
+def find_submissions(items: list[str], out: str | Path) -> list[Path]:
+    """The notebooks to grade: each file as given, each folder's ``*.ipynb`` (recursively, sorted; hidden
+    folders such as .ipynb_checkpoints and the ``out`` folder skipped). ValueError names missing paths."""
+    out_dir = Path(out).resolve()
+    missing = [i for i in items if not Path(i).exists()]
+    if missing:
+        raise ValueError(f"no such submission: {', '.join(missing)}")
+    paths: list[Path] = []
+    for item in map(Path, items):
+        if not item.is_dir():
+            paths.append(item)
+            continue
+        found = [p for p in sorted(item.rglob("*.ipynb"))
+                 if not any(part.startswith(".") for part in p.relative_to(item).parts)
+                 and out_dir not in p.resolve().parents]
+        if not found:
+            raise ValueError(f"no notebooks (*.ipynb) in the folder {item}")
+        paths += found
+    return list(dict.fromkeys(paths))
+
+
 # ----------------------------------------------------------------------------------------------
 # The gradebook
 
@@ -335,6 +356,7 @@ def histogram(summary: LabSummary, path: Path) -> Path:
     """A PNG histogram of one lab's totals on the 0..max axis (matplotlib's Agg canvas, no display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(5, 3), dpi=100)
     FigureCanvasAgg(fig)
@@ -345,6 +367,7 @@ def histogram(summary: LabSummary, path: Path) -> Path:
     ax.set_xlim(0, top)
     ax.set_xlabel(f"points (of {_pts(top)})")
     ax.set_ylabel("submissions")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     mean = "" if summary.mean is None else f", mean {summary.mean:.2f}"
     ax.set_title(f"{summary.lab}: n={summary.n}{mean}")
     fig.tight_layout()
