@@ -190,6 +190,8 @@ def test_build_keeps_the_outputs_of_unchanged_cells_only(tmp_path):
         assert new.cells[i].outputs == old.cells[i].outputs and new.cells[i].id == old.cells[i].id
         assert new.cells[i].metadata["execution"] == {"iopub.status.idle": "then"}
     assert new.metadata["widgets"] == {"state": "kept"}
+    prose = build.build_notebook("07_test", _source(tmp_path, SOURCE.replace("Intro text.", "New intro.")))
+    assert build.carry_outputs(prose, old) == 0  # a markdown edit leaves nothing to execute
 
 
 def test_build_check_fails_on_a_stale_notebook_and_names_it(tmp_path, monkeypatch, capsys):

@@ -121,11 +121,10 @@ def build_cells(name: str, cells: list[dict]) -> list:
         if cell["type"] == "markdown":
             if SOLUTION in tags or TESTS in tags:
                 raise SourceError(f"{cell['where']}: tags {tags} belong on code cells")
-            out.append(nbformat.v4.new_markdown_cell(cell["source"]))
-            continue
-        if SOLUTION in tags and TESTS in tags:
+            new = [nbformat.v4.new_markdown_cell(cell["source"])]
+        elif SOLUTION in tags and TESTS in tags:
             raise SourceError(f"{cell['where']}: a cell is either a solution or a tests cell, not both")
-        if SOLUTION in tags:
+        elif SOLUTION in tags:
             try:
                 new = [nt.solution(cell["source"])]
             except ValueError as e:  # no markers, or no function to name the grade id after
