@@ -216,7 +216,7 @@ def test_build_check_fails_on_a_stale_notebook_and_names_it(tmp_path, monkeypatc
 
 
 def test_repo_url_is_the_one_setting_in_pyproject():
-    import tomllib
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
     url = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
     assert repo_url() == url.rstrip("/")
