@@ -207,6 +207,7 @@ def test_build_check_fails_on_a_stale_notebook_and_names_it(tmp_path, monkeypatc
     assert "07_test: differs" in capsys.readouterr().out and not (out / "07_test.ipynb").exists()
     assert main(["build-notebooks", "07"]) == 0
     assert "wrote nb/07_test.ipynb (6 code cell(s) new or changed: execute it)" in capsys.readouterr().out
+    assert (out / "07_test.ipynb").stat().st_mode & 0o777 == 0o644  # readable, not the temporary file's 0600
     assert main(["build-notebooks", "--check"]) == 0
     _source(src, SOURCE.replace("Intro text.", "Another intro."))
     assert main(["build-notebooks", "--check", "07_test"]) == 1

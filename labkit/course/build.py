@@ -24,10 +24,11 @@ read, and ``notebooks/NN_name.ipynb`` is built from it::
                                            cell and the hidden, graded one carrying the question's
                                            points from the bank (labkit/grading/bank/)
 
-Other tags (e.g. ``raises-exception``) are kept. Building keeps the stored outputs (and cell ids) of
-the cells whose type and source did not change, so re-execute the notebook after a build; nothing
-else of the old file survives. ``--check`` writes nothing and fails when a notebook differs from its
-source (tests/test_notebooks.py runs the same comparison).
+Other tags (e.g. ``raises-exception``) are kept. Building keeps the stored outputs (with cell ids,
+timings, the kernel's language info and the widget state) of the cells whose type and source did not
+change, and says how many code cells are left to execute: execute the notebook after a build.
+``--check`` writes nothing and fails when a notebook differs from its source (tests/test_notebooks.py
+runs the same comparison).
 """
 from __future__ import annotations
 
@@ -209,10 +210,12 @@ def differences(name: str) -> list[str]:
 
 def _write_atomically(nb, path: Path) -> None:
     nbformat.validate(nb)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644  # mkstemp's file is private (0600)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             nbformat.write(nb, f)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
