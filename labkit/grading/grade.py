@@ -121,7 +121,7 @@ class _Kernel:
     def start(self) -> None:
         from nbclient import NotebookClient
 
-        from .kernel import CurrentEnvKernelManager
+        from ..course.kernel import CurrentEnvKernelManager
 
         self._timeout = None
         self._reply: dict = {}
