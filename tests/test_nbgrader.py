@@ -66,7 +66,8 @@ def _check_call(source: str) -> tuple[str, dict]:
 
 @pytest.fixture(scope="module")
 def course(tmp_path_factory):
-    pytest.importorskip("nbgrader", reason="nbgrader is not installed (it is in the dev extra: pip install -e '.[dev]')")
+    pytest.importorskip("nbgrader", reason="nbgrader is not installed (it is in the dev extra: "
+                                           "pip install -e '.[dev]')")
     from nbgrader.apps import NbGraderAPI
     from traitlets.config import Config
 

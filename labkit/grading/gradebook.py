@@ -301,7 +301,8 @@ def default_feedback(entry: Entry) -> str:
     lines = [f"# Feedback: {entry.student} ({entry.lab})", "",
              f"**Total: {_pts(entry.total)} / {_pts(sum(r['max_points'] for r in res.values()))} points**", ""]
     for qid, r in res.items():
-        lines.append(f"- {qid}: {_pts(r['points'])} / {_pts(r['max_points'])}" + (f": {r['message']}" if r.get("message") else ""))
+        message = f": {r['message']}" if r.get("message") else ""
+        lines.append(f"- {qid}: {_pts(r['points'])} / {_pts(r['max_points'])}{message}")
     return "\n".join(lines) + "\n"
 
 
@@ -400,7 +401,8 @@ def report_markdown(book: Gradebook, histograms: dict[str, str]) -> str:
         for qid, mx in qs:
             pts = [e.result["results"][qid]["points"] for (s, lb), e in book.counted.items()
                    if lb == lab and qid in e.result["results"]]
-            lines.append(f"| {qid} | {_pts(mx)} | {statistics.fmean(pts):.2f} |" if pts else f"| {qid} | {_pts(mx)} | |")
+            mean = f"{statistics.fmean(pts):.2f}" if pts else ""
+            lines.append(f"| {qid} | {_pts(mx)} | {mean} |")
     lines += ["", f"Overall total: of {_pts(book.max_total)} points for every student (the sum of the labs above; "
                   "a missing lab counts 0).", ""]
     notices = book.notices()

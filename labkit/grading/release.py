@@ -134,7 +134,8 @@ def _links_to_solutions(nb, solution_repo: str | None) -> list[int]:
     if not solution_repo:
         return []
     repo = solution_repo.removeprefix("https://github.com/")
-    pattern = re.compile(rf"(github\.com|colab\.research\.google\.com/github)/{re.escape(repo)}/blob/[^/\s]+/notebooks/")
+    pattern = re.compile(rf"(github\.com|colab\.research\.google\.com/github)/{re.escape(repo)}"
+                         r"/blob/[^/\s]+/notebooks/")
     return [i for i, c in enumerate(nb.cells) if pattern.search(nt._source(c))]
 
 
@@ -207,7 +208,8 @@ def release(notebooks: list[str | Path], out: str | Path, force: bool = False, u
     url = url if isinstance(url, ReleaseURL) else release_url(url, root)
     solution_repo = source_repository(root)
     if solution_repo and url.clone_url == solution_repo and url.path == "notebooks":
-        raise ValueError(f"release URL {url} is the folder of the solution notebooks; pick another folder or repository")
+        raise ValueError(f"release URL {url} is the folder of the solution notebooks; "
+                         f"pick another folder or repository")
     sources = [Path(p) for p in notebooks]
     resolved_sources = {p.resolve() for p in sources}
     done: list[Released] = []
