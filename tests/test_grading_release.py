@@ -273,6 +273,10 @@ def test_release_errors_are_one_line_exit_2_and_write_nothing(tmp_path, monkeypa
     monkeypatch.setenv("LABKIT_DEBUG", "1")  # the debug switch keeps the traceback
     with pytest.raises(ValueError, match="ftp://nowhere"):
         main(["release", str(src), "--out", "r"])
+    monkeypatch.delenv("LABKIT_DEBUG")
+    monkeypatch.setattr(release_mod, "ROOT", tmp_path / "site-packages")  # a wheel: no checkout
+    assert main(["release", str(src), "--url", "https://github.com/o/r"]) == 2
+    assert "give --out DIR: labkit is not installed from a checkout" in capsys.readouterr().err
 
 
 def test_a_link_to_the_solutions_left_in_a_cell_is_refused(tmp_path):

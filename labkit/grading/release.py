@@ -257,7 +257,11 @@ def release_cli(args) -> int:
             notebooks = sorted(str(p) for p in (ROOT / "notebooks").glob("*.ipynb"))
             if not notebooks:
                 raise ValueError(f"no notebooks given and none found in {ROOT / 'notebooks'}/")
-        out = args.out if getattr(args, "out", None) else ROOT / DEFAULT_RELEASE_PATH
+        out = getattr(args, "out", None)
+        if not out:
+            if not (ROOT / "pyproject.toml").is_file():  # an installed wheel: no checkout to write into
+                raise ValueError("give --out DIR: labkit is not installed from a checkout of the kit")
+            out = ROOT / DEFAULT_RELEASE_PATH
         url = release_url(getattr(args, "url", None))
         done = release(notebooks, out, force=getattr(args, "force", False), url=url)
     except (OSError, ValueError) as e:
