@@ -8,6 +8,7 @@ import pytest
 
 from labkit.grading import notebook_tools as nt
 from labkit.cli import main
+from labkit.course import repo_url
 from labkit.grading import release as release_mod
 from labkit.grading.release import ReleaseURL, release, release_cli, release_url, student_version
 
@@ -112,6 +113,8 @@ def _source_notebook(path: Path, extra_cells=()) -> Path:
         *extra_cells,
     ]
     nb = nt.new_notebook("00_welcome", cells)
+    for c in nb.cells[:2]:  # badge and install cell of the fake kit of _kit()
+        c.source = c.source.replace(repo_url().removeprefix("https://github.com/"), "teach/kit")
     for c in nb.cells:  # pretend it was executed
         if c.cell_type == "code":
             c.execution_count = 3
@@ -277,6 +280,15 @@ def test_release_errors_are_one_line_exit_2_and_write_nothing(tmp_path, monkeypa
     monkeypatch.setattr(release_mod, "ROOT", tmp_path / "site-packages")  # a wheel: no checkout
     assert main(["release", str(src), "--url", "https://github.com/o/r"]) == 2
     assert "give --out DIR: labkit is not installed from a checkout" in capsys.readouterr().err
+
+
+def test_colab_links_to_other_repositories_are_left_alone(tmp_path):
+    other = "https://colab.research.google.com/github/someone/paper/blob/main/demo.ipynb"
+    src = _source_notebook(tmp_path / "00_welcome.ipynb", [nt.markdown(f"See [a demo]({other}).")])
+    (r,) = release([src], tmp_path / "rel", url="https://github.com/course/student", root=_kit(tmp_path / "kit"))
+    text = "\n".join(c.source for c in r.nb.cells)
+    assert other in text
+    assert "https://colab.research.google.com/github/course/student/blob/main/release/00_welcome.ipynb" in text
 
 
 def test_a_link_to_the_solutions_left_in_a_cell_is_refused(tmp_path):

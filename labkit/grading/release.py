@@ -106,17 +106,22 @@ def release_url(url: str | None = None, root: Path | None = None) -> ReleaseURL:
     return ReleaseURL.parse(repo)
 
 
-def point_at_release(nb, url: ReleaseURL) -> int:
-    """Point every Colab link and the install cell's ``git clone`` of ``nb`` at the release; return the
+def point_at_release(nb, url: ReleaseURL, source_repo: str | None = None) -> int:
+    """Point the Colab links and the install cell's ``git clone`` of ``nb`` at the release; return the
     number of URLs rewritten. ``nb`` is modified in place.
 
-    A Colab link keeps the notebook it names (the badge of 01 opens the released 01); a clone URL is
-    any quoted URL on a line of a code cell that runs ``git clone``.
+    A Colab link into ``source_repo`` (the kit's repository; None: any Colab link to GitHub) keeps the
+    notebook it names (the badge of 01 opens the released 01); a clone URL is any quoted URL on a line
+    of a code cell that runs ``git clone``.
     """
+    links = _COLAB_LINK
+    if source_repo:
+        repo = re.escape(source_repo.removeprefix("https://github.com/"))
+        links = re.compile(rf"https://colab\.research\.google\.com/github/{repo}/[^\s)\]\"'<>]*?/(?P<name>[\w.-]+)\.ipynb")
     n = 0
     for cell in nb.cells:
         source = nt._source(cell)
-        new, k = _COLAB_LINK.subn(lambda m: url.colab(m["name"]), source)
+        new, k = links.subn(lambda m: url.colab(m["name"]), source)
         n += k
         if cell.cell_type == "code":
             lines = new.split("\n")
@@ -183,7 +188,7 @@ def student_version(nb, path: str | Path = "notebook", url: ReleaseURL | None = 
     labkit_meta = nb.metadata.setdefault("labkit", {})
     labkit_meta.setdefault("notebook", path.stem)
     if url is not None:
-        point_at_release(nb, url)
+        point_at_release(nb, url, solution_repo)
         leaks = _links_to_solutions(nb, solution_repo)
         if leaks:
             raise ValueError(f"{_where(path, leaks[0], nb.cells[leaks[0]])} links to the solution notebooks "
