@@ -124,8 +124,8 @@ def student_from_path(path: str | Path, lab: str, labs: Iterable[str] = ()) -> s
 
 
 class Identifier:
-    """Maps a submission's path to a student id: through the roster when there is one (ids and aliases,
-    case-insensitive), else from the path alone. ``known(id)`` says whether the id is on the roster."""
+    """``ident(path, lab)`` -> (student id, on the roster): the first of the path's candidates that is a
+    roster id or alias (any case), else the first candidate (on the roster: False; True without one)."""
 
     def __init__(self, roster: list[RosterEntry] | None = None, labs: Iterable[str] = ()):
         self.roster = list(roster or [])
