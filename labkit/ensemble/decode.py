@@ -9,10 +9,12 @@ KV cache per member, so a step costs M single-token forwards.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
+from ..models import check_same_vocab
 from .combination import _as_members, combine
 
 def ensemble_next_token(member_logits, weights=None, rule: str = "linear", temperature: float = 0.0,
@@ -64,6 +66,35 @@ def align_to_vocab(logits: torch.Tensor, token_map: torch.Tensor) -> torch.Tenso
     return torch.where(token_map >= 0, gathered, torch.full_like(gathered, -math.inf))
 
 
+def _eos_ids(model) -> list[int]:
+    """A member's end-of-sequence id(s), from its generation config, else its model config."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def local_tokenizer(model):
+    """The tokenizer saved next to a member's weights (its local ``name_or_path`` folder), or None.
+
+    Reads local files only; a member built in memory, or loaded from a hub id, has none to offer.
+    """
+    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not path or not os.path.isdir(path) or not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):  # a folder with a partial or foreign tokenizer: nothing to compare
+        return None
+
+
 class EnsembleLM:
     """Token-level ensemble of Hugging Face causal LMs sharing a tokenizer.
 
@@ -73,15 +104,28 @@ class EnsembleLM:
     weights [M, B]), and one token is chosen for the whole ensemble. Every member keeps its own KV
     cache (``past_key_values``), so a step costs M single-token forwards, not M full re-reads.
 
-    Members with different vocabulary sizes are refused unless ``token_maps`` (one LongTensor per
-    member, see ``align_to_vocab``) aligns them to a shared vocabulary for the linear rule.
+    Token ids must mean the same thing in every member. Members with different vocabulary sizes are
+    refused unless ``token_maps`` (one LongTensor per member, see ``align_to_vocab``) aligns them to a
+    shared vocabulary for the linear rule. Tokenizers with the same size but different token -> id
+    maps are refused too (``labkit.models.check_same_vocab``, naming the first differing token): the
+    ``tokenizers`` given (one per member, None to skip one), or by default those saved in the members'
+    local checkpoint folders. ``allow_vocab_mismatch=True`` (implied by ``token_maps``) is the override
+    for users who know their ids agree.
     """
 
-    def __init__(self, members, weights=None, rule: str = "linear", token_maps=None):
+    def __init__(self, members, weights=None, rule: str = "linear", token_maps=None, tokenizers=None,
+                 allow_vocab_mismatch: bool = False):
         self.members = list(members)
         if not self.members:
             raise ValueError("EnsembleLM needs at least one member")
         self.rule, self.weights, self.token_maps = rule, weights, None
+        if tokenizers is not None and len(tokenizers) != len(self.members):
+            raise ValueError(f"tokenizers has {len(tokenizers)} entries for {len(self.members)} members "
+                             "(one per member, None to skip one)")
+        if token_maps is None and not allow_vocab_mismatch:
+            if tokenizers is None:
+                tokenizers = [local_tokenizer(m) for m in self.members]
+            check_same_vocab(tokenizers, names=[f"member {i}" for i in range(len(self.members))])
         sizes = [m.config.vocab_size for m in self.members]
         if token_maps is None:
             if len(set(sizes)) > 1:
@@ -127,19 +171,46 @@ class EnsembleLM:
             return self.weights(F.log_softmax(member_logits, -1))
         return self.weights
 
+    def eos_token_ids(self) -> list[int]:
+        """Every member's end-of-sequence id(s), in the shared vocabulary (through ``token_maps``)."""
+        ids = set()
+        for i, m in enumerate(self.members):
+            for e in _eos_ids(m):
+                if self.token_maps is None:
+                    ids.add(e)
+                else:  # the shared ids this member reads as its EOS
+                    ids.update((self.token_maps[i] == e).nonzero().flatten().tolist())
+        return sorted(ids)
+
+    def context_length(self) -> tuple[int, int] | None:
+        """(shortest ``max_position_embeddings`` among the members, index of that member), or None."""
+        limits = [(getattr(m.config, "max_position_embeddings", None), i) for i, m in enumerate(self.members)]
+        limits = [(n, i) for n, i in limits if n is not None]
+        return min(limits) if limits else None
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20,
                  do_sample: bool = False, temperature: float = 1.0, generator: torch.Generator | None = None,
-                 eos_token_id: int | None = None, pad_token_id: int = 0, return_logprobs: bool = False):
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, return_logprobs: bool = False,
+                 ignore_eos: bool = False):
         """Generate from left-padded prompts [B, T]; returns ids [B, T + new] (and per-step log-probs [B, new, V]).
 
-        Rows that emitted ``eos_token_id`` are filled with ``pad_token_id``; generation stops when all
-        rows are done. Sampling draws from ``generator`` for reproducibility.
+        A row is done when it emits an end-of-sequence token: ``eos_token_id`` (one id or a list, in the
+        shared vocabulary) or, by default, any member's own EOS (``eos_token_ids``); ``ignore_eos=True``
+        runs all ``max_new_tokens`` steps. Done rows are filled with ``pad_token_id`` and generation
+        stops when every row is done. Sampling draws from ``generator`` for reproducibility.
+
+        The longest prompt plus ``max_new_tokens`` must fit every member's ``max_position_embeddings``:
+        past it a model sees positions it was never trained on, so the request is refused up front
+        (even if EOS might have stopped it earlier). ``max_new_tokens=0`` returns the prompts (and
+        log-probs of shape [B, 0, V]).
         """
         from transformers import DynamicCache
 
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
@@ -148,6 +219,24 @@ class EnsembleLM:
             raise ValueError("prompts must be left-padded: the last column of attention_mask must be all ones")
         if do_sample and temperature <= 0:
             raise ValueError(f"sampling needs temperature > 0, got {temperature}")
+        if not 0 <= pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id must be a token id in [0, {self.vocab_size}), got {pad_token_id}")
+        limit = self.context_length()
+        longest = int(attention_mask.sum(1).max()) if input_ids.shape[0] else 0
+        if limit is not None and longest + max_new_tokens > limit[0]:
+            raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds member "
+                             f"{limit[1]}'s context length (max_position_embeddings={limit[0]}): use at most "
+                             f"{max(0, limit[0] - longest)} new tokens or a shorter prompt")
+        if ignore_eos:
+            eos = []
+        elif eos_token_id is None:
+            eos = self.eos_token_ids()
+        else:
+            eos = [int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
+            bad = [e for e in eos if not 0 <= e < self.vocab_size]
+            if bad:
+                raise ValueError(f"eos_token_id {bad} is outside the shared vocabulary [0, {self.vocab_size})")
+        eos = torch.tensor(eos, dtype=input_ids.dtype, device=input_ids.device)
         temp = temperature if do_sample else 0.0
 
         mask, positions = attention_mask.long(), position_ids_from_mask(attention_mask)
@@ -165,8 +254,8 @@ class EnsembleLM:
             token = torch.where(done, torch.full_like(token, pad_token_id), token)
             out.append(token[:, None])
             steps_lp.append(combined)
-            if eos_token_id is not None:
-                done |= token == eos_token_id
+            if eos.numel():
+                done |= torch.isin(token, eos)
                 if done.all():
                     break
             # the next step feeds only the new token; earlier keys/values are in each member's cache
@@ -174,5 +263,7 @@ class EnsembleLM:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         ids = torch.cat(out, dim=1)
         if return_logprobs:
+            if not steps_lp:  # max_new_tokens == 0
+                return ids, torch.zeros(input_ids.shape[0], 0, self.vocab_size, device=input_ids.device)
             return ids, torch.stack(steps_lp, dim=1)
         return ids
