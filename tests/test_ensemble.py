@@ -83,7 +83,7 @@ def test_rules_return_normalised_log_probs_and_keep_dtype():
         assert out.shape == (2, 7) and out.dtype == torch.float32
         torch.testing.assert_close(out.exp().sum(-1), torch.ones(2))
     assert ens.combine(logits, None, "log-linear").shape == (2, 7)
-    torch.testing.assert_close(ens.combine(logits, None, lambda l, w: l[0]), logits[0])
+    torch.testing.assert_close(ens.combine(logits, None, lambda member_logits, w: member_logits[0]), logits[0])
 
 
 @pytest.mark.parametrize("weights, match", [

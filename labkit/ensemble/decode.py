@@ -2,7 +2,9 @@
 
 At every step each member scores the next token given the same prefix; the scores are combined by a
 rule from ``combination.py`` and one token is chosen for the whole ensemble. ``EnsembleLM`` keeps a
-KV cache per member, so a step costs M single-token forwards.
+KV cache per member, so a step costs M single-token forwards. It refuses what would silently go wrong:
+tokenizers that give the same id to different tokens, a request longer than a member's context, and
+by default it stops each row at a member's end-of-sequence token.
 
   ensemble_next_token, member_logprobs, align_to_vocab, EnsembleLM
 """
@@ -162,7 +164,7 @@ class EnsembleLM:
     def _member_logits(self, logits: list[torch.Tensor]) -> torch.Tensor:
         """Member next-token logits (each [B, V_m]) -> [M, B, V] over the shared vocabulary."""
         if self.token_maps is not None:
-            logits = [align_to_vocab(l, tm.to(l.device)) for l, tm in zip(logits, self.token_maps)]
+            logits = [align_to_vocab(lg, tm.to(lg.device)) for lg, tm in zip(logits, self.token_maps)]
         return torch.stack(logits).float()
 
     def _weights_for(self, member_logits: torch.Tensor):

@@ -213,14 +213,14 @@ def moe_from_dense(base: nn.Module, experts: list, router_weights: torch.Tensor,
     if router_weights.shape[:2] != (len(decoder), len(experts)):
         raise ValueError(f"router_weights must be [L={len(decoder)}, E={len(experts)}, D], "
                          f"got {tuple(router_weights.shape)}")
-    for l, block in enumerate(decoder):
+    for i, block in enumerate(decoder):
         gate, _, _ = _mlp_weights(block.mlp)
         layer = MoELayer(gate.shape[1], gate.shape[0], len(experts), top_k, **layer_kwargs)
         with torch.no_grad():
             for e, dec in enumerate(expert_layers):
-                g, u, d = _mlp_weights(dec[l].mlp)
+                g, u, d = _mlp_weights(dec[i].mlp)
                 layer.experts.gate_up_proj[e].copy_(torch.cat([g, u]))
                 layer.experts.down_proj[e].copy_(d)
-            layer.router.weight.copy_(router_weights[l])
+            layer.router.weight.copy_(router_weights[i])
         block.mlp = layer.to(device=gate.device, dtype=gate.dtype)
     return model

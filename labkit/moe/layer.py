@@ -161,6 +161,7 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor:
         raise ValueError(f"{type(model).__name__} has no MoELayer")
     return sum(layer.aux_loss for layer in layers)
 
+
 def moe_flops(num_tokens: int, hidden: int, intermediate: int, num_experts: int, top_k: int) -> dict:
     """Forward FLOPs of the expert matmuls: all E experts (dense equivalent) vs the K that run."""
     dense = expert_flops(num_tokens, num_experts, hidden, intermediate)
