@@ -472,6 +472,10 @@ def test_generate_errors(members):
         lm.generate(right_padded, (right_padded != 0).long(), max_new_tokens=1)
     with pytest.raises(ValueError, match="temperature > 0"):
         lm.generate(ids, mask, max_new_tokens=1, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="integer token ids, got torch.float32"):
+        lm.generate(ids.float(), mask, max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"outside the shared vocabulary \[0, 24\): min 3, max 24"):
+        lm.generate(torch.tensor([[3, 24]]), max_new_tokens=1)
     with pytest.raises(ValueError, match=r"\[M\] = \[2\]"):
         ens.EnsembleLM(members[:2], weights=[1.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="at least one member"):
