@@ -831,3 +831,17 @@ def test_gpu_matches_cpu(members):
     params, buffers, skeleton = ens.stack_members(models)
     torch.testing.assert_close(ens.stacked_forward(params, buffers, skeleton, x), ens.loop_forward(models, x),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_package_layout_and_public_names():
+    """The rules file stands alone; every name of the one-file module is still importable from the package."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(ens.__file__).parent
+    tree = ast.parse((root / "combination.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & {"decode", "members", "transformers"}, imported
+    for name in ens.__all__:
+        assert getattr(ens, name).__module__.startswith("labkit.ensemble."), name
+    assert ens.combine.__module__ == "labkit.ensemble.combination"  # the function, not a module

@@ -619,3 +619,21 @@ def test_cuda_auto_uses_grouped_gemm_for_prefill():
     if torch.cuda.get_device_capability() >= (8, 0):
         assert md.choose_backend(x, 2, gate_up, down) == "grouped"
     assert md.choose_backend(x[:2].float(), 2, gate_up.float(), down.float()) == "gather"
+
+
+# ---------------------------------------------------------------------------------------- layout
+def test_package_layout_methods_never_import_tooling():
+    """routing, layer and backends are what a student reads: no conversion, no distributed code in them."""
+    import ast
+    import pathlib
+
+    import labkit.moe.backends
+
+    root = pathlib.Path(moe.__file__).parent
+    for method in ("routing", "layer", "backends"):
+        tree = ast.parse((root / f"{method}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not imported & {"convert", "parallel", "transformers", "torch.distributed"}, (method, imported)
+    assert md is labkit.moe.backends  # the old module name is the same module, not a copy
+    assert moe.dispatch is md.dispatch and callable(moe.dispatch)
