@@ -725,7 +725,7 @@ few = tok(list(make_task_dataset(["copy", "add", "sort"], 6, seed=17, split="tes
           return_tensors="pt", padding=True).to(device)
 with torch.no_grad():
     cached = ens.EnsembleLM([base, ft_add], weights=[0.5, 0.5]).generate(
-        few["input_ids"], few["attention_mask"], max_new_tokens=8)
+        few["input_ids"], few["attention_mask"], max_new_tokens=8, ignore_eos=True)
     brute = brute_force_greedy([base, ft_add], torch.tensor([0.5, 0.5], device=device),
                                few["input_ids"], few["attention_mask"], 8)
 print("KV-cached ensemble == brute-force recomputation:", torch.equal(cached, brute))
