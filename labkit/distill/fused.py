@@ -26,6 +26,13 @@ from .losses import DIVERGENCES, IGNORE_INDEX
 FUSED_REDUCTIONS = ("token_mean", "sum", "batchmean")
 
 
+def default_chunk_size(num_tokens: int, hidden: int, vocab: int) -> int:
+    """Liger's rule: a chunk of logits about as large as the hidden states, C ~ N * H / V, as a power of
+    two in [64, 4096] (fewer, larger chunks waste memory; many tiny ones waste Python overhead)."""
+    target = max(1, num_tokens * hidden // max(vocab, 1))
+    return int(min(4096, max(64, 1 << (target - 1).bit_length())))
+
+
 def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels,
                   divergence, chunk_size, reduction):
     if divergence not in DIVERGENCES:
@@ -109,7 +116,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
 
 def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
                               teacher_logits=None, student_bias=None, teacher_bias=None, labels=None,
-                              divergence: str = "forward_kl", chunk_size: int = 1024,
+                              divergence: str = "forward_kl", chunk_size: int | None = None,
                               reduction: str = "token_mean", num_items_in_batch=None,
                               **divergence_kwargs) -> torch.Tensor:
     """Distillation loss D(softmax(h_T W_T^T / T) || softmax(h_S W_S^T / T)) over chunks of tokens.
@@ -119,9 +126,13 @@ def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden=Non
     teacher_logits [..., V]. labels [...] with -100 masked (aligned with the hidden states).
     divergence: a name in ``losses.DIVERGENCES``, with its kwargs (temperature, beta, scale_t2...).
     reduction: 'token_mean' (/ unmasked tokens or ``num_items_in_batch``), 'sum', or 'batchmean'
-    (/ size of the first axis). Equal to ``naive_linear_distill_loss`` within float rounding, values and
-    gradients, with at most ``chunk_size`` x V logits alive at a time.
+    (/ size of the first axis). chunk_size: tokens per chunk (default ``default_chunk_size``).
+    Equal to ``naive_linear_distill_loss`` within float rounding, values and gradients, with at most
+    ``chunk_size`` x V logits alive at a time.
     """
+    if chunk_size is None:
+        chunk_size = default_chunk_size(student_hidden.shape[:-1].numel(), student_hidden.shape[-1],
+                                        student_weight.shape[0])
     _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels,
                   divergence, chunk_size, reduction)
     h = student_hidden.reshape(-1, student_hidden.shape[-1])

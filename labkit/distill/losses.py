@@ -150,16 +150,19 @@ def reverse_kl(student_logits, teacher_logits, labels=None, temperature: float =
                    temperature, scale_t2)
 
 
-def _kl_to_mixture(p_logp: torch.Tensor, other_logp: torch.Tensor, w_p: float) -> torch.Tensor:
-    """KL(p || m) with m = w_p p + (1 - w_p) other, per position, without forming log m.
+def _log_mixture_ratios(s_logp: torch.Tensor, t_logp: torch.Tensor, beta: float):
+    """(log m - log p_S, log m - log p_T) for m = (1 - beta) p_S + beta p_T, without forming log m.
 
-    log m - log p = logaddexp(log w_p, log(1 - w_p) + log other - log p) is computed directly: as
-    w_p -> 1 it is a tiny number, and subtracting two large log-probs would drown it in rounding.
+    With d = log p_T - log p_S:  log m - log p_S = logaddexp(log(1 - beta), log beta + d). The ratio that
+    goes to 0 at the nearer end (p_S's as beta -> 0, p_T's as beta -> 1) is the one computed directly:
+    subtracting two large log-probs there would drown a tiny number in rounding.
     """
-    ratio = torch.logaddexp(torch.full_like(p_logp, math.log(w_p)),
-                            math.log1p(-w_p) + (other_logp - p_logp))
-    p = p_logp.exp()
-    return torch.where(p > 0, -p * ratio, torch.zeros_like(p)).sum(-1)
+    d = t_logp - s_logp
+    if beta <= 0.5:
+        r_s = torch.logaddexp(d.new_tensor(math.log1p(-beta)), math.log(beta) + d)
+        return r_s, r_s - d
+    r_t = torch.logaddexp(d.new_tensor(math.log(beta)), math.log1p(-beta) - d)
+    return r_t + d, r_t
 
 
 def generalized_jsd(student_logits, teacher_logits, labels=None, beta: float = 0.5, temperature: float = 1.0,
@@ -187,8 +190,10 @@ def generalized_jsd(student_logits, teacher_logits, labels=None, beta: float = 0
         return reverse_kl(student_logits, teacher_logits, labels, temperature, scale_t2, reduction,
                           num_items_in_batch)
     s_logp, t_logp, mask = _prepare(student_logits, teacher_logits, labels, temperature)
-    kl_teacher = _kl_to_mixture(t_logp, s_logp, beta)         # KL(p_T || m), m = beta p_T + (1-beta) p_S
-    kl_student = _kl_to_mixture(s_logp, t_logp, 1.0 - beta)   # KL(p_S || m)
+    r_s, r_t = _log_mixture_ratios(s_logp, t_logp, beta)
+    # KL(p || m) = -sum_v p (log m - log p); where p = 0 the term is 0 (r may be inf there)
+    kl_teacher = -torch.where(t_logp > -math.inf, t_logp.exp() * r_t, 0.0).sum(-1)
+    kl_student = -torch.where(s_logp > -math.inf, s_logp.exp() * r_s, 0.0).sum(-1)
     jsd = beta * kl_teacher + (1.0 - beta) * kl_student
     if normalize:
         jsd = jsd / (beta * (1.0 - beta))
