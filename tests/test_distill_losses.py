@@ -148,6 +148,21 @@ def test_identical_distributions_give_zero(batch):
     assert generalized_jsd(s, s, labels, beta=0.3).abs().item() < 1e-12
 
 
+def test_teacher_zeros_give_finite_losses_and_gradients(batch):
+    s, t, labels = batch
+    t = t.clone()
+    t[..., 0] = -math.inf  # a token the teacher rules out (e.g. a masked vocabulary entry)
+    s = s.clone().requires_grad_()
+    for loss in (forward_kl(s, t, labels), generalized_jsd(s, t, labels, beta=0.3),
+                 generalized_jsd(s, t, labels, beta=0.8), total_variation(s, t, labels)):
+        (grad,) = torch.autograd.grad(loss, s)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    pt, ps = _probs(t), _probs(s.detach())
+    assert torch.allclose(forward_kl(s, t, labels), _token_mean(ref_kl(pt, ps), labels), atol=1e-12)
+    assert torch.allclose(generalized_jsd(s, t, labels, beta=0.3, normalize=False),
+                          _token_mean(ref_jsd(pt, ps, 0.3), labels), atol=1e-12)
+
+
 def test_alpha_mixes_soft_and_hard(batch):
     s, t, labels = batch
     T, alpha = 3.0, 0.7

@@ -153,16 +153,14 @@ def reverse_kl(student_logits, teacher_logits, labels=None, temperature: float =
 def _log_mixture_ratios(s_logp: torch.Tensor, t_logp: torch.Tensor, beta: float):
     """(log m - log p_S, log m - log p_T) for m = (1 - beta) p_S + beta p_T, without forming log m.
 
-    With d = log p_T - log p_S:  log m - log p_S = logaddexp(log(1 - beta), log beta + d). The ratio that
-    goes to 0 at the nearer end (p_S's as beta -> 0, p_T's as beta -> 1) is the one computed directly:
-    subtracting two large log-probs there would drown a tiny number in rounding.
+    With d = log p_T - log p_S:  log m - log p_S = logaddexp(log(1 - beta), log beta + d), and
+    log m - log p_T likewise. Each is computed directly: near the ends one of them is tiny, and
+    subtracting two large log-probs would drown it in rounding; and where one distribution is 0
+    (d = +-inf) the other ratio stays finite.
     """
     d = t_logp - s_logp
-    if beta <= 0.5:
-        r_s = torch.logaddexp(d.new_tensor(math.log1p(-beta)), math.log(beta) + d)
-        return r_s, r_s - d
-    r_t = torch.logaddexp(d.new_tensor(math.log(beta)), math.log1p(-beta) - d)
-    return r_t + d, r_t
+    log_b, log_1mb = d.new_tensor(math.log(beta)), d.new_tensor(math.log1p(-beta))
+    return torch.logaddexp(log_1mb, log_b + d), torch.logaddexp(log_b, log_1mb - d)
 
 
 def generalized_jsd(student_logits, teacher_logits, labels=None, beta: float = 0.5, temperature: float = 1.0,
