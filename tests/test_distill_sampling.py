@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from labkit import data, zoo
-from labkit.distill import (completion_batch, distill_classifier, distill_lm, forward_kl, generate_completions,
+from labkit.distill import (completion_batch, distill_classifier, distill_lm, lm_teacher_cache, forward_kl, generate_completions,
                             offpolicy_batch, on_policy_batch, on_policy_reverse_kl_loss, reverse_kl_token_signal,
                             sequence_kd_batch, shift_labels, teacher_logits, token_logprobs)
 
@@ -120,6 +120,12 @@ def test_distillation_moves_the_student_towards_the_teacher(lms):
     assert hist["teacher_calls"] == 2
     hist = distill_lm(student, None, train, steps=2, mode="labels", batch_size=8, device="cpu")
     assert hist["teacher_calls"] == 0
+    pool, cache = lm_teacher_cache(teacher, train, k=4, device="cpu")
+    assert cache.indices.shape == (*pool["input_ids"].shape, 4)
+    hist = distill_lm(student, None, train, steps=2, mode="cached", cache=(pool, cache), batch_size=8, device="cpu")
+    assert hist["teacher_calls"] == 0 and len(hist["loss"]) == 2
+    with pytest.raises(ValueError, match="needs cache"):
+        distill_lm(student, None, train, steps=1, mode="cached")
     with pytest.raises(ValueError, match="needs a teacher"):
         distill_lm(student, None, train, steps=1, mode="off_policy")
     with pytest.raises(ValueError, match="mode must be one of"):

@@ -178,3 +178,21 @@ def test_int8_quantisation_keeps_outputs_close_and_shrinks_size():
     assert model_size_bytes(quantize_dynamic_int8(model)) < 0.4 * model_size_bytes(model)
     with pytest.raises(ValueError, match="no nn.Linear"):
         quantize_dynamic_int8(torch.nn.ReLU())
+
+
+def test_cache_save_and_load_round_trip(tmp_path, logits):
+    from labkit.distill import load_cache, save_cache
+
+    _, t, _ = logits
+    for cache in (topk_cache(t, k=3, missing="other", temperature=2.0), sampled_cache(t, num_samples=5)):
+        path = save_cache(cache, tmp_path / "c.safetensors", overwrite=True)
+        back = load_cache(path)
+        assert type(back) is type(cache) and torch.equal(back.indices, cache.indices)
+        assert back.vocab_size == 9 and back.temperature == cache.temperature
+        if hasattr(cache, "logprobs"):
+            assert torch.equal(back.logprobs, cache.logprobs) and back.missing == "other"
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_cache(cache, tmp_path / "c.safetensors")
+    with pytest.raises(FileNotFoundError, match="no cache"):
+        load_cache(tmp_path / "missing.safetensors")
+    assert not list(tmp_path.glob("*.tmp"))

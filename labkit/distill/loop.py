@@ -17,9 +17,10 @@ from ..train import accuracy, cosine_schedule
 from .losses import DIVERGENCES, cross_entropy, distillation_loss, shift_labels
 from .sampling import (completion_batch, generate_completions, offpolicy_batch, on_policy_batch,
                        on_policy_reverse_kl_loss, token_logprobs)
-from .teachers import ensemble_teacher_logprobs, teacher_logits
+from .teachers import (SampledCache, TopKCache, cached_forward_kl, ensemble_teacher_logprobs, sampled_cache,
+                       teacher_logits, topk_cache)
 
-LM_MODES = ("labels", "off_policy", "seq_kd", "on_policy", "on_policy_rkl")
+LM_MODES = ("labels", "off_policy", "seq_kd", "on_policy", "on_policy_rkl", "cached")
 
 
 def make_optimizer(model, lr: float, weight_decay: float = 0.01):
@@ -120,11 +121,51 @@ def distill_classifier(student, teacher, X, y=None, steps: int = 1000, batch_siz
     return history
 
 
+@torch.no_grad()
+def lm_teacher_cache(teacher, data, kind: str = "topk", k: int = 8, missing: str = "renormalize",
+                     temperature: float = 1.0, max_len: int = 32, batch_size: int = 256, seed: int = 0,
+                     device=None) -> tuple[dict, object]:
+    """Score a prompt/answer dataset with ``teacher`` once and keep a sparse cache of its outputs.
+
+    Returns (batch, cache): the dataset as one right-padded batch [N, L] (``offpolicy_batch``) and a
+    ``TopKCache`` (kind='topk', k values + indices per position) or ``SampledCache`` (kind='sampled',
+    k draws per position) over every position [N, L] of the logits. Pass both to
+    ``distill_lm(mode='cached', cache=...)``; ``cache_storage(cache, mask=shift_labels(batch["labels"]) != -100)``
+    gives the bytes of the answer tokens, the only ones a training run reads.
+    """
+    if kind not in ("topk", "sampled"):
+        raise ValueError(f"kind must be 'topk' or 'sampled', got {kind!r}")
+    device = torch.device(device) if device is not None else get_device()
+    teacher.to(device).eval()
+    batch = offpolicy_batch(list(data["prompt"]), list(data["answer"]), max_len, device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    parts = []
+    for start in range(0, batch["input_ids"].shape[0], batch_size):
+        rows = {k_: v[start:start + batch_size] for k_, v in batch.items()}
+        logits = teacher_logits(teacher, rows).float().cpu()
+        parts.append(topk_cache(logits, k, missing, temperature) if kind == "topk"
+                     else sampled_cache(logits, k, temperature, gen))
+    first = parts[0]
+    if kind == "topk":
+        cache = TopKCache(torch.cat([p.indices for p in parts]), torch.cat([p.logprobs for p in parts]),
+                          first.vocab_size, missing, temperature)
+    else:
+        cache = SampledCache(torch.cat([p.indices for p in parts]), first.vocab_size, temperature)
+    return batch, cache
+
+
+def _cache_rows(cache, idx, width):
+    if isinstance(cache, TopKCache):
+        return TopKCache(cache.indices[idx, :width], cache.logprobs[idx, :width], cache.vocab_size, cache.missing,
+                         cache.temperature)
+    return SampledCache(cache.indices[idx, :width], cache.vocab_size, cache.temperature)
+
+
 def distill_lm(student, teacher, data, steps: int, mode: str = "off_policy", divergence: str = "forward_kl",
                temperature: float = 1.0, alpha: float = 1.0, lmbda: float = 1.0, batch_size: int = 64,
                lr: float = 1e-3, max_new_tokens: int = 8, sample_temperature: float = 1.0, max_len: int = 32,
                weight_decay: float = 0.01, grad_clip: float = 1.0, eval_data=None, seed: int = 0, device=None,
-               **divergence_kwargs) -> dict:
+               cache=None, **divergence_kwargs) -> dict:
     """Distil ``teacher`` into ``student`` on prompt/answer ``data`` (a Dataset or dict of lists).
 
     mode:
@@ -135,7 +176,9 @@ def distill_lm(student, teacher, data, steps: int, mode: str = "off_policy", div
       'on_policy'     a fraction ``lmbda`` of each batch is the student's sampled answers, the teacher
                       scores all rows (GKD; lmbda = 0 equals off_policy);
       'on_policy_rkl' the student samples, each token gets log p_T - log p_S as its reward
-                      (``sampling.on_policy_reverse_kl_loss``).
+                      (``sampling.on_policy_reverse_kl_loss``);
+      'cached'        forward KL from a sparse teacher cache, ``cache=lm_teacher_cache(...)`` (teacher may be
+                      None: it was run once, when the cache was built).
     Returns {"loss", "teacher_calls", "teacher_rows", "exact_match" (on eval_data, or None)}.
     """
     if mode not in LM_MODES:
@@ -149,11 +192,18 @@ def distill_lm(student, teacher, data, steps: int, mode: str = "off_policy", div
     if not prompts:
         raise ValueError("data is empty: distill_lm needs prompts and answers")
     student.to(device).train()
+    if mode == "cached":
+        if cache is None:
+            raise ValueError("mode 'cached' needs cache=(batch, cache) from lm_teacher_cache")
+        pool, sparse = cache
+        pool = {k: v.to(device) for k, v in pool.items()}
+        if pool["input_ids"].shape[0] != len(prompts):
+            raise ValueError(f"cache covers {pool['input_ids'].shape[0]} examples but data has {len(prompts)}")
     counter = None
     if teacher is not None:
         teacher.to(device).eval()
         counter = ForwardCounter(teacher)
-    elif mode != "labels":
+    elif mode not in ("labels", "cached"):
         raise ValueError(f"mode {mode!r} needs a teacher")
     try:
         if mode == "seq_kd":
@@ -185,7 +235,11 @@ def distill_lm(student, teacher, data, steps: int, mode: str = "off_policy", div
                 width = int(batch["attention_mask"].sum(1).max())
                 batch = {k: v[:, :width] for k, v in batch.items()}
             labels = shift_labels(batch["labels"])
-            if mode == "on_policy_rkl":
+            if mode == "cached":
+                with autocast(device):
+                    s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = cached_forward_kl(s_logits.float(), _cache_rows(sparse, idx, width), labels)
+            elif mode == "on_policy_rkl":
                 with torch.no_grad():
                     t_lp = token_logprobs(teacher, batch)
                 with autocast(device):
