@@ -110,3 +110,11 @@ def test_fused_matches_naive_on_cuda():
     assert torch.allclose(fused, naive, rtol=1e-4)
     for a, b in zip(_grads(fused, p), _grads(naive, p)):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_default_chunk_size_follows_liger_rule():
+    from labkit.distill import default_chunk_size
+
+    assert default_chunk_size(8192, 4096, 128256) == 256  # ~N H / V rounded up to a power of two
+    assert default_chunk_size(10, 8, 50000) == 64
+    assert default_chunk_size(3000, 256, 48) == 4096  # a tiny vocabulary: one chunk holds everything

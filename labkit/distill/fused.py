@@ -27,10 +27,10 @@ FUSED_REDUCTIONS = ("token_mean", "sum", "batchmean")
 
 
 def default_chunk_size(num_tokens: int, hidden: int, vocab: int) -> int:
-    """Liger's rule: a chunk of logits about as large as the hidden states, C ~ N * H / V, as a power of
-    two in [64, 4096] (fewer, larger chunks waste memory; many tiny ones waste Python overhead)."""
-    target = max(1, num_tokens * hidden // max(vocab, 1))
-    return int(min(4096, max(64, 1 << (target - 1).bit_length())))
+    """Liger's rule: C = next power of two of ceil(N / ceil(V / H)), so a chunk of logits [C, V] is
+    about as large as all the hidden states [N, H]; at least 64 tokens (tiny chunks waste Python time)."""
+    per_chunk = -(-num_tokens // -(-vocab // hidden))
+    return max(64, 1 << (per_chunk - 1).bit_length())
 
 
 def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels,
