@@ -196,3 +196,16 @@ def test_cache_save_and_load_round_trip(tmp_path, logits):
     with pytest.raises(FileNotFoundError, match="no cache"):
         load_cache(tmp_path / "missing.safetensors")
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_mistake_agreement():
+    from labkit.distill import mistake_agreement
+
+    y = torch.tensor([0, 1, 2, 3, 4])
+    teacher = torch.tensor([0, 2, 2, 1, 4])  # wrong on items 1 (says 2) and 3 (says 1)
+    student = torch.tensor([0, 2, 2, 3, 0])  # copies the first mistake, gets the second right
+    out = mistake_agreement(student, teacher, y)
+    assert out == pytest.approx({"agreement": 0.6, "teacher_errors": 2, "same_mistake": 0.5, "student_also_wrong": 0.5})
+    assert mistake_agreement(y, y, y)["same_mistake"] is None
+    with pytest.raises(ValueError, match="label vectors"):
+        mistake_agreement(student[:3], teacher, y)

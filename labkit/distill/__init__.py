@@ -18,7 +18,7 @@ from .quantize import (latency_ms, model_size_bytes, quantization_report, quanti
 from .sampling import (completion_batch, generate_completions, offpolicy_batch, on_policy_batch,
                        on_policy_reverse_kl_loss, reverse_kl_token_signal, sequence_kd_batch, token_logprobs)
 from .teachers import (SampledCache, TopKCache, cache_storage, cached_forward_kl, ensemble_teacher_logprobs,
-                       sampled_cache, teacher_logits, topk_cache)
+                       mistake_agreement, sampled_cache, teacher_logits, topk_cache)
 
 __all__ = [
     "load_cache", "save_cache",
@@ -32,5 +32,5 @@ __all__ = [
     "completion_batch", "generate_completions", "offpolicy_batch", "on_policy_batch",
     "on_policy_reverse_kl_loss", "reverse_kl_token_signal", "sequence_kd_batch", "token_logprobs",
     "SampledCache", "TopKCache", "cache_storage", "cached_forward_kl", "ensemble_teacher_logprobs",
-    "sampled_cache", "teacher_logits", "topk_cache",
+    "mistake_agreement", "sampled_cache", "teacher_logits", "topk_cache",
 ]

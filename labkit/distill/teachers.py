@@ -206,3 +206,25 @@ def cache_storage(cache, mask: torch.Tensor | None = None, full_dtype: torch.dty
     return {"tokens": tokens, "bytes_per_token": per_token, "full_bytes_per_token": full_per_token,
             "cache_bytes": per_token * tokens, "full_bytes": full_per_token * tokens,
             "saving": full_per_token / per_token}
+
+
+# ------------------------------------------------------------------------------------------------
+# diagnostics
+
+
+def mistake_agreement(student_pred: torch.Tensor, teacher_pred: torch.Tensor, y: torch.Tensor) -> dict:
+    """How much a student copies its teacher's mistakes (syllabus claim 14).
+
+    On the examples the teacher gets wrong: ``same_mistake`` = fraction where the student predicts the
+    teacher's very (wrong) label; ``student_also_wrong`` = fraction where the student is wrong at all.
+    ``agreement`` = overall fraction of equal predictions. Inputs: predicted labels [N] and targets [N].
+    """
+    student_pred, teacher_pred, y = (torch.as_tensor(t).cpu() for t in (student_pred, teacher_pred, y))
+    if not (student_pred.shape == teacher_pred.shape == y.shape) or student_pred.ndim != 1:
+        raise ValueError(f"student_pred {tuple(student_pred.shape)}, teacher_pred {tuple(teacher_pred.shape)} "
+                         f"and y {tuple(y.shape)} must be label vectors [N] of one length")
+    wrong = teacher_pred != y
+    n_wrong = int(wrong.sum())
+    return {"agreement": (student_pred == teacher_pred).float().mean().item(), "teacher_errors": n_wrong,
+            "same_mistake": (student_pred[wrong] == teacher_pred[wrong]).float().mean().item() if n_wrong else None,
+            "student_also_wrong": (student_pred[wrong] != y[wrong]).float().mean().item() if n_wrong else None}
