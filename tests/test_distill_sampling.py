@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from labkit import data, zoo
-from labkit.distill import (completion_batch, distill_classifier, distill_lm, lm_teacher_cache, forward_kl, generate_completions,
-                            offpolicy_batch, on_policy_batch, on_policy_reverse_kl_loss, reverse_kl_token_signal,
+from labkit.distill import (completion_batch, distill_classifier, distill_lm, forward_kl, generate_completions,
+                            lm_teacher_cache, offpolicy_batch, on_policy_batch, on_policy_reverse_kl_loss, reverse_kl_token_signal,
                             sequence_kd_batch, shift_labels, teacher_logits, token_logprobs)
 
 PROMPTS = ["a:12+30=", "r:abcd=", "c:hij=", "a:5+7="]

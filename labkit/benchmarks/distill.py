@@ -125,8 +125,8 @@ def _all_rows(smoke: bool, device: torch.device) -> list[dict]:
 def _rows_in_worker(smoke: bool) -> list[dict]:
     """CPU: measure in a fresh process whose malloc unmaps every large block when it is freed."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    out = subprocess.run([sys.executable, "-m", "labkit.benchmarks.distill", "--worker"] + (["--smoke"] if smoke else []),
-                         env=env, capture_output=True, text=True, check=False)
+    command = [sys.executable, "-m", "labkit.benchmarks.distill", "--worker"] + (["--smoke"] if smoke else [])
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"the distill benchmark worker failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -143,7 +143,8 @@ def run(smoke: bool = False) -> dict:
         "baseline": "naive: full [N, V] logits of student and teacher, plain autograd",
         "columns": ["V", "N", "method", "chunk", "ms", "peak_MiB", "time_vs_naive", "memory_vs_naive", "loss_diff"],
         "rows": rows,
-        "notes": ("times are the best of the repeats (one run on a CPU, after a first run that measures memory); peak_MiB is the memory the loss adds over its inputs "
+        "notes": ("times are the best of the repeats (one run on a CPU, after a first run that measures memory); "
+                  "peak_MiB is the memory the loss adds over its inputs "
                   + ("(CUDA max_memory_allocated)" if device.type == "cuda" else
                      "(peak RSS growth in a worker with large blocks unmapped on free)")
                   + ". Goal at V=128k, N=8k on a GPU: memory_vs_naive <= 0.17 and time_vs_naive <= 1."
