@@ -80,6 +80,11 @@ def test_token_logprobs_and_reverse_kl_signal(lms):
     signal = reverse_kl_token_signal(s_lp, t_lp, mask)
     assert torch.allclose(signal[mask], (t_lp - s_lp)[mask]) and not signal.requires_grad
     loss = on_policy_reverse_kl_loss(s_lp, t_lp, mask)
+    plain = on_policy_reverse_kl_loss(s_lp, t_lp, mask, baseline=False)
+    n = mask.sum()
+    assert torch.allclose(plain, -((t_lp - s_lp).detach() * s_lp)[mask].sum() / n)
+    b = (t_lp - s_lp).detach()[mask].mean()  # the baseline only adds b * mean log p_S
+    assert torch.allclose(loss, plain + b * s_lp[mask].sum() / n, atol=1e-6)
     loss.backward()
     assert any(p.grad is not None for p in student.parameters())
     student.zero_grad(set_to_none=True)

@@ -147,16 +147,21 @@ def reverse_kl_token_signal(student_logprobs: torch.Tensor, teacher_logprobs: to
 
 
 def on_policy_reverse_kl_loss(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
-                              mask: torch.Tensor) -> torch.Tensor:
-    """Policy-gradient loss of per-token on-policy distillation (REINFORCE, no discount, no baseline):
+                              mask: torch.Tensor, baseline: bool = True) -> torch.Tensor:
+    """Policy-gradient loss of per-token on-policy distillation (REINFORCE, no discount):
 
-        L = -(1/N) sum_t sg(a_t) log p_S(y_t),   a_t = log p_T(y_t) - log p_S(y_t),  y ~ p_S
+        L = -(1/N) sum_t sg(a_t - b) log p_S(y_t),   a_t = log p_T(y_t) - log p_S(y_t),  y ~ p_S
 
-    Its gradient is an unbiased estimate of grad KL(p_S || p_T) per sampled position (the score-function
-    term; E[grad log p_S] = 0 removes the rest). N = number of unmasked tokens.
+    Its gradient estimates grad KL(p_S || p_T) at each sampled position (the score-function term;
+    E[grad log p_S] = 0 removes the rest, and lets any constant b be subtracted). ``baseline=True``
+    uses b = the batch mean of a_t: the same direction on average with much less variance (every a_t
+    is mostly negative, and without it each step mainly pushes down whatever was sampled).
+    N = number of unmasked tokens.
     """
     signal = reverse_kl_token_signal(student_logprobs, teacher_logprobs, mask)
     count = mask.sum()
     if int(count) == 0:
         raise ValueError("mask: every position is masked, so there is no sampled token to learn from")
+    if baseline:
+        signal = torch.where(mask, signal - signal.sum() / count, torch.zeros_like(signal))
     return -(signal * student_logprobs).sum() / count
