@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from labkit.distill import (cross_entropy, distillation_loss, forward_kl, generalized_jsd, reverse_kl,
                             shift_labels, total_variation)
 
-torch.set_default_dtype(torch.float64)
+F64 = torch.float64  # every reference is computed in float64
 
 
 def _probs(logits, T=1.0):
@@ -19,7 +19,7 @@ def _probs(logits, T=1.0):
 
 def ref_kl(p, q):
     """sum_v p log(p / q) per row, 0 log 0 = 0, written with plain loops over rows."""
-    out = torch.zeros(p.shape[:-1])
+    out = torch.zeros(p.shape[:-1], dtype=F64)
     flat_p, flat_q, flat_out = p.reshape(-1, p.shape[-1]), q.reshape(-1, q.shape[-1]), out.view(-1)
     for r in range(flat_p.shape[0]):
         total = 0.0
@@ -38,8 +38,8 @@ def ref_jsd(pt, ps, beta):
 @pytest.fixture
 def batch():
     g = torch.Generator().manual_seed(0)
-    s = torch.randn(2, 5, 7, generator=g) * 2
-    t = torch.randn(2, 5, 7, generator=g) * 2
+    s = torch.randn(2, 5, 7, generator=g, dtype=F64) * 2
+    t = torch.randn(2, 5, 7, generator=g, dtype=F64) * 2
     labels = torch.tensor([[-100, -100, 3, 4, 1], [-100, 2, 2, 6, -100]])
     return s, t, labels
 
@@ -182,8 +182,8 @@ def test_alpha_mixes_soft_and_hard(batch):
 def test_t2_keeps_the_gradient_scale():
     # Hinton's argument: the soft-target gradient scales as 1/T^2; times T^2 it stays of order 1
     g = torch.Generator().manual_seed(1)
-    s = torch.randn(64, 10, generator=g).requires_grad_()
-    t = torch.randn(64, 10, generator=g)
+    s = torch.randn(64, 10, generator=g, dtype=F64).requires_grad_()
+    t = torch.randn(64, 10, generator=g, dtype=F64)
     norms = []
     for T in (5.0, 20.0):
         (grad,) = torch.autograd.grad(forward_kl(s, t, temperature=T), s)
