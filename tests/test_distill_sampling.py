@@ -148,6 +148,14 @@ def test_distill_classifier_from_an_ensemble():
     assert hist["loss"][-1] < hist["loss"][0] and hist["val_accuracy"] > 0.6
     with pytest.raises(ValueError, match="teacher logits cover"):
         distill_classifier(student, torch.zeros(5, 10), d.X_train, d.y_train, steps=1)
+    # across architectures, with hidden states: a CNN's conv features into an MLP's first layer
+    cnn = zoo.load("digits/cnn-s0", device="cpu")
+    hist = distill_classifier(DigitMLP(hidden=(32,)), cnn, d.X_train, d.y_train, steps=5, device="cpu",
+                              hidden_pairs=[("layers.0", "conv2")])
+    proj = hist["projector"]
+    assert proj.maps[0].weight.shape == (16 * 2 * 2 * 2 * 4, 32) and proj.maps[0].weight.grad is not None
+    with pytest.raises(ValueError, match="one teacher model"):
+        distill_classifier(student, members, d.X_train, d.y_train, steps=1, hidden_pairs=[("layers.0", "conv2")])
 
 
 def test_sampled_reverse_kl_policy_gradient_reaches_the_teacher():

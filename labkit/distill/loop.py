@@ -14,6 +14,7 @@ import torch
 from ..data import exact_match
 from ..device import autocast, get_device
 from ..train import accuracy, cosine_schedule
+from .hidden import HiddenProjector, capture_features, hidden_state_loss
 from .losses import DIVERGENCES, cross_entropy, distillation_loss, shift_labels
 from .sampling import (completion_batch, generate_completions, offpolicy_batch, on_policy_batch,
                        on_policy_reverse_kl_loss, token_logprobs)
@@ -67,14 +68,16 @@ def distill_classifier(student, teacher, X, y=None, steps: int = 1000, batch_siz
                        temperature: float = 4.0, alpha: float = 0.9, divergence: str = "forward_kl",
                        weights=None, rule: str = "linear", augment=None, X_val=None, y_val=None,
                        weight_decay: float = 1e-4, grad_clip: float = 1.0, seed: int = 0, device=None,
-                       **divergence_kwargs) -> dict:
+                       hidden_pairs=None, hidden_weight: float = 1.0, **divergence_kwargs) -> dict:
     """Train ``student`` on soft targets from ``teacher`` (Hinton et al. 2015).
 
     teacher: a classifier, a list of classifiers (an ensemble combined by ``rule`` with ``weights``),
     or a tensor of teacher logits / log-probs [N, C] for X. Loss: alpha * D_T + (1 - alpha) * CE(y)
     (``losses.distillation_loss``). augment(xb, generator) -> xb transforms each batch; a live
-    teacher then scores the transformed inputs (a larger transfer set). Returns
-    {"loss": [...], "val_accuracy": float or None}.
+    teacher then scores the transformed inputs (a larger transfer set).
+    hidden_pairs: [(student module name, teacher module name), ...] adds hidden_weight x
+    ``hidden_state_loss`` through a learned ``HiddenProjector`` (one teacher model only; FitNets).
+    Returns {"loss": [...], "val_accuracy": float or None, "projector": the projector or None}.
     """
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
@@ -96,25 +99,43 @@ def distill_classifier(student, teacher, X, y=None, steps: int = 1000, batch_siz
             m.to(device)
         score = _teacher_fn(teacher, weights, rule)
         fixed = score(X) if augment is None else None
+    projector = None
+    trained: torch.nn.Module = student
+    if hidden_pairs:
+        if not isinstance(teacher, torch.nn.Module):
+            raise ValueError("hidden_pairs needs one teacher model (not an ensemble or a logits tensor)")
+        s_names, t_names = [p[0] for p in hidden_pairs], [p[1] for p in hidden_pairs]
+        with torch.no_grad():
+            _, s_feats = capture_features(student, s_names, X[:2])
+            _, t_feats = capture_features(teacher.eval(), t_names, X[:2])
+        projector = HiddenProjector([f.shape[-1] for f in s_feats], [f.shape[-1] for f in t_feats]).to(device)
+        trained = torch.nn.ModuleList([student, projector])  # one optimiser for both
     gen = torch.Generator().manual_seed(seed)
-    opt = make_optimizer(student, lr, weight_decay)
+    opt = make_optimizer(trained, lr, weight_decay)
     warmup = max(1, steps // 20)
-    history = {"loss": [], "val_accuracy": None}
+    history = {"loss": [], "val_accuracy": None, "projector": projector}
     for step in range(steps):
         idx = torch.randint(0, len(X), (min(batch_size, len(X)),), generator=gen).to(device)
         xb = X[idx]
         if augment is not None:
             xb = augment(xb, gen)
-            target = score(xb)
-        else:
-            target = fixed[idx]
         for group in opt.param_groups:
             group["lr"] = lr * cosine_schedule(step, steps, warmup)
-        with autocast(device):
-            logits = student(xb).float()
-        loss = distillation_loss(logits, target.float(), y[idx] if y is not None else None, alpha=alpha,
+        if projector is not None:
+            with torch.no_grad():
+                target, t_feats = capture_features(teacher.eval(), t_names, xb)
+            with autocast(device):
+                logits, s_feats = capture_features(student, s_names, xb)
+            pairs = [(i, i) for i in range(len(s_feats))]
+            extra = hidden_weight * hidden_state_loss(s_feats, t_feats, pairs, projector)
+        else:
+            target = score(xb) if augment is not None else fixed[idx]
+            with autocast(device):
+                logits = student(xb)
+            extra = 0.0
+        loss = distillation_loss(logits.float(), target.float(), y[idx] if y is not None else None, alpha=alpha,
                                  divergence=divergence, temperature=temperature, **divergence_kwargs)
-        history["loss"].append(distill_step(student, opt, loss, grad_clip))
+        history["loss"].append(distill_step(trained, opt, loss + extra, grad_clip))
     student.eval()
     if X_val is not None:
         history["val_accuracy"] = accuracy(student, X_val, y_val)
