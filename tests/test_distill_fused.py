@@ -118,3 +118,14 @@ def test_default_chunk_size_follows_liger_rule():
     assert default_chunk_size(8192, 4096, 128256) == 256  # ~N H / V rounded up to a power of two
     assert default_chunk_size(10, 8, 50000) == 64
     assert default_chunk_size(3000, 256, 48) == 4096  # a tiny vocabulary: one chunk holds everything
+
+
+def test_benchmark_rows_compare_fused_with_naive_on_one_problem():
+    from labkit.benchmarks.distill import _measure
+
+    rows = _measure(H=16, V=512, N=128, dtype=torch.float32, device=torch.device("cpu"), warmup=0, repeat=1)
+    methods = [r["method"] for r in rows]
+    assert methods[:2] == ["naive", "fused"]
+    fused = rows[1]
+    assert fused["chunk"] == 64 and fused["loss_diff"] < 1e-4 and rows[0]["time_vs_naive"] == 1
+    assert {"V", "N", "H", "ms", "peak_MiB", "memory_vs_naive"} <= set(fused)
