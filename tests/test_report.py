@@ -72,3 +72,23 @@ def test_bad_arguments_and_broken_report_lines(tmp_path):
     assert report.read_report_file(path) == {
         "records": {"a": 1}, "claims": [{"syllabus": [], "text": "old", "passed": True, "detail": ""}]}
     assert report.read_report_file(tmp_path / "missing.jsonl") == {"records": {}, "claims": []}
+
+
+def test_every_claim_in_the_notebook_sources_names_a_syllabus_claim():
+    """Read statically, so a claim without its number fails here before any notebook runs."""
+    import ast
+    from pathlib import Path
+
+    sources = sorted((Path(__file__).resolve().parents[1] / "notebooks" / "src").glob("[0-9][0-9]_*.py"))
+    assert sources
+    numbers = set()
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "claim":
+                where = f"{path.name}:{node.lineno}"
+                assert node.args, f"{where}: claim() without arguments"
+                first = ast.literal_eval(node.args[0])  # a literal number or tuple, not computed
+                found = list(first) if isinstance(first, tuple) else [first]
+                assert found and all(type(n) is int and 1 <= n <= 20 for n in found), f"{where}: {first!r}"
+                numbers.update(found)
+    assert numbers  # the labs do check syllabus claims
