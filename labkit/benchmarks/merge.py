@@ -32,7 +32,7 @@ WORKER = textwrap.dedent("""
     import torch, yaml
     from safetensors.torch import load_file, save_file
     import labkit.merge as M
-    from labkit.merge_io import run_merge_config
+    from labkit.merge import run_merge_config
     if kind == "mergekit":
         from mergekit.config import MergeConfiguration
         from mergekit.merge import run_merge
@@ -133,7 +133,7 @@ def _run_once(kind: str, cfg: Path, out: Path, device: str) -> dict:
 
 def _same_output(a: Path, b: Path) -> tuple[float, int]:
     """(max |a - b|, number of entries differing by more than 1e-6) over every tensor."""
-    from labkit.merge_io import ModelDir
+    from labkit.merge.safetensors_io import ModelDir
 
     da, db = ModelDir(a), ModelDir(b)
     diffs = [(da.read(k).float() - db.read(k).float()).abs() for k in da.specs]
