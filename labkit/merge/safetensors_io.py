@@ -44,11 +44,12 @@ class SafetensorsFile:
         except Exception as e:  # safetensors raises its own error types for malformed files
             raise ValueError(f"{self.path} is not a readable safetensors file: {e}") from None
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor, copied once into ``device`` / ``dtype`` (default: CPU, its own dtype)."""
         try:
             with safe_open(self.path, framework="pt") as f:
-                # clone: the tensor must not keep the file mapped once this tensor is merged
-                return f.get_tensor(name).clone()
+                # a copy: the mapped file is released as soon as this tensor is no longer used
+                return f.get_tensor(name).to(device or "cpu", dtype, copy=True)
         except Exception as e:
             raise ValueError(f"tensor {name!r} in {self.path} cannot be read: {e}") from None
 
@@ -111,9 +112,11 @@ class ModelDir:
         self.specs[name] = f.header[name]
         self._where[name] = f
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
         where = self._where[name]
-        return where.read(name) if isinstance(where, SafetensorsFile) else where.clone()
+        if isinstance(where, SafetensorsFile):
+            return where.read(name, device, dtype)
+        return where.to(device or "cpu", dtype, copy=True)
 
 
 def _pad8(n: int) -> int:

@@ -60,9 +60,9 @@ OUTPUT_FILES = {MARKER, "config.json", "generation_config.json", "model.safetens
 SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None)
 
 
-class MergeInterrupted(BaseException):
-    """A signal stopped the merge; OUT_DIR was left as it was (BaseException, like KeyboardInterrupt,
-    so that ``except Exception`` does not swallow it)."""
+class MergeInterrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP stopped the merge; OUT_DIR was left as it was. A KeyboardInterrupt,
+    so ``except Exception`` does not swallow it and code that handles Ctrl-C handles it too."""
 
     def __init__(self, signum: int):
         self.signum = signum
@@ -540,25 +540,19 @@ def run_merge_config(config_path, out_dir, *, device=None, force: bool = False, 
 
 
 def _merge_one(plan, dirs, refs, name, params, writer, device, seed, allow_nonfinite) -> None:
-    raw = dirs[refs[0]].read(name)
-    if not raw.is_floating_point():  # integer buffers: the base's (first model's) value
-        writer.write(name, raw)
+    if not dirs[refs[0]].specs[name][1].is_floating_point:  # integer buffers: the base's (first model's)
+        writer.write(name, dirs[refs[0]].read(name))
         return
-    check_finite(raw, name, f"model {refs[0]!r}", allow_nonfinite)
-    first = raw.to(device, torch.float32)
-    del raw
-    rest = []
-    for r in refs[1:]:
-        x = dirs[r].read(name)
-        check_finite(x, name, f"model {r!r}", allow_nonfinite)
-        rest.append(x.to(device, torch.float32))
-        del x
-    base, xs = (first, rest) if plan.base else (None, [first] + rest)
-    del first, rest
+    xs = []
+    for r in refs:  # read straight into float32 on the device: one copy per model
+        xs.append(dirs[r].read(name, device, torch.float32))
+        check_finite(xs[-1], name, f"model {r!r}", allow_nonfinite)
+    base = xs.pop(0) if plan.base else None
     glob, per_model = params
     merged = merge_tensor(plan.method, base, xs, glob, per_model, name=name, seed=seed, consume=True)
     del xs, base
     out = merged.to(writer.location[name][3])
+    del merged
     check_finite(out, name, "the merged model", allow_nonfinite)
     writer.write(name, out)
 
