@@ -66,6 +66,8 @@ def check_finite(tensor: torch.Tensor, name: str, who: str, allow: bool = False)
     """Refuse a tensor holding NaN or inf: merging spreads it silently into the result."""
     if allow or not tensor.is_floating_point():
         return
+    if tensor.element_size() == 1:  # float8 has no isfinite kernel
+        tensor = tensor.float()
     finite = torch.isfinite(tensor)
     if bool(finite.all()):
         return

@@ -440,6 +440,8 @@ def _pid_alive(pid: int) -> bool:
 def _remove_leftovers(out: Path) -> None:
     """Clean up after a killed run on this OUT_DIR: delete its partial folder; if it died between
     moving the old OUT_DIR aside and putting the new one in place, put the old one back."""
+    if not out.parent.is_dir():
+        return
     for kind in ("old", "partial"):
         prefix = _work_prefix(out, kind)
         for p in sorted(out.parent.glob(glob_escape(prefix) + "*")):
@@ -489,6 +491,7 @@ def run_merge_config(config_path, out_dir, *, device=None, force: bool = False, 
     out_dir = _resolve_out_dir(out_dir)
     refs = ([plan.base] if plan.base else []) + plan.models
     paths = {ref: _model_path(ref, config_path.parent) for ref in refs}
+    _remove_leftovers(out_dir)  # first: a killed run may have moved the old OUT_DIR aside
     _check_out_dir(out_dir, paths, force, shown)
     device = parse_device(device)
     dirs = {ref: ModelDir(paths[ref], allow_pickle=allow_pickle) for ref in refs}
@@ -512,7 +515,6 @@ def run_merge_config(config_path, out_dir, *, device=None, force: bool = False, 
     with guard.active():
         with guard.deferred(raise_after=False):
             out_dir.parent.mkdir(parents=True, exist_ok=True)
-            _remove_leftovers(out_dir)
             tmp = _make_work_dir(out_dir, "partial")
         try:
             guard.raise_pending()
