@@ -113,8 +113,9 @@ def _check_settings(settings, method: str, where: str) -> dict:
     for name, setting in settings.items():
         if name in declared:
             for leaf in _leaves(setting):
-                if leaf is not None:
-                    declared[name].check(leaf, f"{where}: ")
+                if leaf is None:
+                    raise ValueError(f"{where}: parameter {name!r} has no value (null)")
+                declared[name].check(leaf, f"{where}: ")
     return settings
 
 
@@ -260,7 +261,11 @@ def _resolve(plan: MergePlan, tensor_name: str, t: float) -> tuple[dict, list[di
             levels.insert(0, plan.model_settings.get(plan.models[i]))
         for level in levels:
             if level and name in level:
-                v = evaluate_setting(level[name], tensor_name, t)
+                try:
+                    v = evaluate_setting(level[name], tensor_name, t)
+                except ValueError as e:
+                    who = f"model {plan.models[i]!r}: " if i is not None else ""
+                    raise ValueError(f"{who}parameter {name!r}: {e}") from None
                 if v is not None:
                     return v
         return MISSING
