@@ -19,9 +19,14 @@ from labkit.cli import main
 from labkit.merge import safetensors_io
 from labkit.merge.yaml_runner import run_merge_config
 from test_merge_hardening import leftovers, snapshot
-from test_merge_io import _ties, write_config, zoo  # noqa: F401  (zoo is a fixture)
+from test_merge_io import _ties, tiny_llamas, write_config
 
 pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return tiny_llamas(tmp_path_factory.mktemp("tiny_llamas"))
 
 CHILD = r"""
 import sys, time

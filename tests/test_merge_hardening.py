@@ -16,9 +16,14 @@ from safetensors.torch import load_file, save_file
 from labkit import merge as M
 from labkit.merge import safetensors_io, yaml_runner
 from labkit.merge.yaml_runner import run_merge_config
-from test_merge_io import CASES, _ties, read_dir, sds, write_config, write_tokenizer, zoo  # noqa: F401
+from test_merge_io import _ties, read_dir, tiny_llamas, write_config, write_tokenizer
 
 pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return tiny_llamas(tmp_path_factory.mktemp("tiny_llamas"))
 
 
 def snapshot(*folders) -> dict:

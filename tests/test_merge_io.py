@@ -37,8 +37,11 @@ def write_tokenizer(folder: Path, order=None) -> None:
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
+    return tiny_llamas(tmp_path_factory.mktemp("tiny_llamas"))
+
+
+def tiny_llamas(root: Path) -> Path:
     """base, three fine-tunes of it (small perturbations), and broken variants."""
-    root = tmp_path_factory.mktemp("tiny_llamas")
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(tiny_config())
     base.save_pretrained(root / "base")

@@ -12,30 +12,18 @@ span every layer (what mergekit's ``models`` form turns into). Parameter values 
 gradients (lists interpolated over the layers) and lists of ``{filter, value}`` conditions.
 Anything else is refused with a message naming it.
 
-What it guarantees, in order:
-  * everything that can be checked without reading a tensor is checked first: the config, every
-    parameter value for every tensor (type and range), the model count, architectures, tensor
-    names/shapes, tokenizers (same token -> id map), and OUT_DIR (never an input model, never
-    inside or around one; replaced with ``force`` only when it is a previous merge output: it holds
-    the ``MARKER`` file every merge writes and only files a merge writes);
-  * NaN/inf in an input tensor (or produced in the output) is refused naming the tensor;
-  * the output is built in a temporary folder ``.<OUT_DIR name>.labkit-merge-partial.<pid>.<random>``
-    next to OUT_DIR, with ``config.json`` written last (a partial folder never looks like a model),
-    and renamed into place only when complete. SIGINT, SIGTERM and SIGHUP raise ``MergeInterrupted``
-    and every error removes the temporary folder, so OUT_DIR is as it was; after a SIGKILL the next
-    run with the same OUT_DIR removes what the killed run left (or puts back the OUT_DIR it had
-    moved aside).
+What it guarantees: everything that can be checked without reading a tensor is checked first
+(the config, every parameter value for every tensor against its declared type and range, the
+model count, architectures, tensor names/shapes, tokenizers with the same token -> id map, and
+OUT_DIR, see ``output_dir``); NaN/inf in an input tensor (or produced in the output) is refused
+naming the tensor; the output is written into a temporary folder that becomes OUT_DIR only when
+complete (``output_dir.written_atomically``), so signals and write errors leave OUT_DIR as it was.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 import shutil
-import signal
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,30 +31,19 @@ import torch
 
 from ..device import get_device
 from .registry import MISSING, METHODS, check_model_count, check_param_names, get_method, merge_tensor, resolve
+from .output_dir import (MARKER, TOKENIZER_FILES, MergeInterrupted, check_out_dir, remove_leftovers,  # noqa: F401
+                         resolve_out_dir, written_atomically)
 from .safetensors_io import ModelDir, ShardWriter
 from .state_dict import check_compatible, check_finite
 
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                "float64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
                   "tokenizer_source", "slices"}
 REFUSED_KEYS = {"tokenizer": "tokenizer merging", "chat_template": "chat template selection",
                 "modules": "multi-module merges"}
 DEFAULT_SHARD_BYTES = 5_000_000_000  # mergekit's default --out-shard-size (5B)
-MARKER = "mergekit_config.yml"       # every merge output holds it (mergekit's too): what --force may replace
-OUTPUT_FILES = {MARKER, "config.json", "generation_config.json", "model.safetensors.index.json", *TOKENIZER_FILES}
-SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None)
 
-
-class MergeInterrupted(KeyboardInterrupt):
-    """SIGINT, SIGTERM or SIGHUP stopped the merge; OUT_DIR was left as it was. A KeyboardInterrupt,
-    so ``except Exception`` does not swallow it and code that handles Ctrl-C handles it too."""
-
-    def __init__(self, signum: int):
-        self.signum = signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
 
 # -------------------------------------------------------------------------------------- config
@@ -329,44 +306,6 @@ def _check_tokenizers(refs, dirs: dict[str, ModelDir]) -> None:
                          "if you know better)") from None
 
 
-def _resolve_out_dir(out_dir) -> Path:
-    """OUT_DIR as an absolute path without '..' or symlinks, refusing a filesystem root."""
-    out = Path(out_dir).expanduser().resolve()
-    if out.parent == out:
-        raise ValueError(f"OUT_DIR {str(out_dir)!r} is the filesystem root")
-    return out
-
-
-def _check_out_dir(out: Path, inputs: dict[str, Path], force: bool, shown: str) -> None:
-    """Refuse an OUT_DIR that is, contains or is inside an input model, and a non-empty one
-    unless ``force`` and it is a previous labkit merge output holding nothing else."""
-    for ref, p in inputs.items():
-        q = p.expanduser().resolve()
-        if q == out:
-            raise ValueError(f"OUT_DIR {shown!r} is the input model {ref!r}")
-        if q in out.parents:
-            raise ValueError(f"OUT_DIR {shown!r} is inside the input model {ref!r}")
-        if out in q.parents:
-            raise ValueError(f"OUT_DIR {shown!r} contains the input model {ref!r}")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"OUT_DIR {shown!r} exists and is not a directory")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not force:
-        raise ValueError(f"OUT_DIR {shown!r} is not empty; pass --force to replace a previous labkit merge output")
-    if not (out / MARKER).is_file():
-        raise ValueError(f"OUT_DIR {shown!r} is not a merge output (it has no {MARKER}), so --force will not "
-                         "replace it; choose another OUT_DIR")
-    foreign = sorted(p.name for p in out.iterdir() if not (p.is_file() and _is_output_file(p.name)))
-    if foreign:
-        raise ValueError(f"OUT_DIR {shown!r} holds {foreign[0]!r}, which labkit merge does not write; --force "
-                         "replaces only a previous merge output: move that away first")
-
-
-def _is_output_file(name: str) -> bool:
-    return name in OUTPUT_FILES or re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", name) is not None
-
-
 def parse_device(device) -> torch.device:
     """A torch.device that exists here, or a ValueError naming the problem."""
     if device is None:
@@ -384,96 +323,6 @@ def parse_device(device) -> torch.device:
     if d.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"--device {device!r}: labkit merge runs on cpu, cuda or mps")
     return d
-
-
-# ------------------------------------------------------------------------- signals and temp folders
-
-
-class _SignalGuard:
-    """While active, SIGINT/SIGTERM/SIGHUP raise MergeInterrupted, except inside ``deferred()``
-    (cleanup and the final renames), where they are remembered and raised at its end."""
-
-    def __init__(self):
-        self.defer_depth, self.pending = 0, None
-
-    def _handler(self, signum, frame):
-        if self.defer_depth:
-            self.pending = self.pending or signum
-        else:
-            raise MergeInterrupted(signum)
-
-    @contextmanager
-    def active(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield self  # signal handlers can only be set from the main thread
-            return
-        old = {s: signal.signal(s, self._handler) for s in SIGNALS}
-        try:
-            yield self
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-
-    @contextmanager
-    def deferred(self, raise_after: bool = True):
-        self.defer_depth += 1
-        try:
-            yield
-        finally:
-            self.defer_depth -= 1
-        if raise_after and not self.defer_depth:
-            self.raise_pending()
-
-    def raise_pending(self):
-        if self.pending is not None:
-            signum, self.pending = self.pending, None
-            raise MergeInterrupted(signum)
-
-
-def _work_prefix(out: Path, kind: str) -> str:
-    return f".{out.name}.labkit-merge-{kind}."
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_leftovers(out: Path) -> None:
-    """Clean up after a killed run on this OUT_DIR: delete its partial folder; if it died between
-    moving the old OUT_DIR aside and putting the new one in place, put the old one back."""
-    if not out.parent.is_dir():
-        return
-    for kind in ("old", "partial"):
-        prefix = _work_prefix(out, kind)
-        for p in sorted(out.parent.glob(glob_escape(prefix) + "*")):
-            pid = p.name[len(prefix):].split(".")[0]
-            if not pid.isdigit() or _pid_alive(int(pid)) and int(pid) != os.getpid():
-                continue
-            if kind == "old" and not out.exists():
-                os.replace(p, out)
-            else:
-                shutil.rmtree(p, ignore_errors=True)
-
-
-def glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", text)
-
-
-def _make_work_dir(out: Path, kind: str) -> Path:
-    """A new folder next to OUT_DIR with the user's normal permissions (mkdtemp would give 0700)."""
-    while True:
-        p = out.parent / f"{_work_prefix(out, kind)}{os.getpid()}.{secrets.token_hex(4)}"
-        try:
-            os.mkdir(p)  # mode 0o777 minus the umask, like any folder the user creates
-            return p
-        except FileExistsError:
-            continue
 
 
 # ---------------------------------------------------------------------------------------- runner
@@ -495,11 +344,11 @@ def run_merge_config(config_path, out_dir, *, device=None, force: bool = False, 
     config_path = Path(config_path)
     plan = load_plan(config_path)
     shown = str(out_dir)
-    out_dir = _resolve_out_dir(out_dir)
+    out_dir = resolve_out_dir(out_dir)
     refs = ([plan.base] if plan.base else []) + plan.models
     paths = {ref: _model_path(ref, config_path.parent) for ref in refs}
-    _remove_leftovers(out_dir)  # first: a killed run may have moved the old OUT_DIR aside
-    _check_out_dir(out_dir, paths, force, shown)
+    remove_leftovers(out_dir)  # first: a killed run may have moved the old OUT_DIR aside
+    check_out_dir(out_dir, paths, force, shown)
     device = parse_device(device)
     dirs = {ref: ModelDir(paths[ref], allow_pickle=allow_pickle) for ref in refs}
     _check_models(plan, dirs)
@@ -518,29 +367,17 @@ def run_merge_config(config_path, out_dir, *, device=None, force: bool = False, 
     params = {name: _resolve(plan, name, layer_position(name, num_layers))
               for name, (_, dtype) in dirs[ref0].specs.items() if dtype.is_floating_point}
 
-    guard = _SignalGuard()
-    with guard.active():
-        with guard.deferred(raise_after=False):
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
-            tmp = _make_work_dir(out_dir, "partial")
-        try:
-            guard.raise_pending()
-            writer = ShardWriter(tmp, out_specs, max_shard_bytes)
-            for count, name in enumerate(out_specs):
-                _merge_one(plan, dirs, refs, name, params.get(name), writer, device, seed, allow_nonfinite)
-                _after_tensor(count, name)
-            writer.finish()
-            copied = [f for f in TOKENIZER_FILES + ("generation_config.json",) if (dirs[ref0].path / f).is_file()]
-            for fname in copied:
-                shutil.copyfile(dirs[ref0].path / fname, tmp / fname)
-            (tmp / MARKER).write_text(config_path.read_text())
-            _write_config(dirs[ref0], tmp, plan.dtype)  # last: until here the folder is not a model
-            with guard.deferred(raise_after=False):  # a signal now lets the renames finish
-                _move_into_place(tmp, out_dir)
-        except BaseException:
-            with guard.deferred(raise_after=False):
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with written_atomically(out_dir) as tmp:
+        writer = ShardWriter(tmp, out_specs, max_shard_bytes)
+        for count, name in enumerate(out_specs):
+            _merge_one(plan, dirs, refs, name, params.get(name), writer, device, seed, allow_nonfinite)
+            _after_tensor(count, name)
+        writer.finish()
+        copied = [f for f in TOKENIZER_FILES + ("generation_config.json",) if (dirs[ref0].path / f).is_file()]
+        for fname in copied:
+            shutil.copyfile(dirs[ref0].path / fname, tmp / fname)  # copyfile: the user's permissions
+        (tmp / MARKER).write_text(config_path.read_text())
+        _write_config(dirs[ref0], tmp, plan.dtype)  # last: until here the folder is not a model
     if verbose:
         print(f"merged {len(refs)} models with {plan.method!r} into {shown} "
               f"({len(writer.files)} shard{'s' if len(writer.files) > 1 else ''}, "
@@ -577,19 +414,3 @@ def _write_config(model: ModelDir, out: Path, dtype: torch.dtype | None) -> None
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished folder to OUT_DIR; an existing OUT_DIR is moved aside first and deleted
-    only after the rename succeeded (a failure at any point leaves the old one in place, and after
-    a crash in between, the next run puts it back)."""
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    old = _make_work_dir(out_dir, "old")
-    old.rmdir()
-    os.replace(out_dir, old)
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        os.replace(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
