@@ -178,6 +178,10 @@ def test_nonfinite_input_is_refused_by_tensor_name_unless_allowed(zoo, tmp_path,
     assert snapshot(zoo, nan_model) == before
     with pytest.raises(ValueError, match="holds 1 NaN and 1 inf"):
         M.merge("linear", [load_file(nan_model / "model.safetensors")])
+    from labkit.cli import main
+
+    assert main(["merge", str(path), str(tmp_path / "cli_out")]) == 2
+    assert main(["merge", str(path), str(tmp_path / "cli_out"), "--allow-nonfinite"]) == 0
 
 
 def test_tokenizers_that_map_tokens_to_other_ids_are_refused(zoo, tmp_path):
@@ -197,6 +201,10 @@ def test_tokenizers_that_map_tokens_to_other_ids_are_refused(zoo, tmp_path):
     assert not (tmp_path / "out").exists()
     out = run_merge_config(path, tmp_path / "out", allow_tokenizer_mismatch=True, verbose=False)
     assert (out / "model.safetensors").exists()
+    from labkit.cli import main
+
+    assert main(["merge", str(path), str(tmp_path / "cli_out")]) == 2
+    assert main(["merge", str(path), str(tmp_path / "cli_out"), "--allow-tokenizer-mismatch"]) == 0
 
 
 def _raw_model(folder: Path, tensors: dict) -> Path:

@@ -9,6 +9,7 @@ Read in this order:
   diagnostics.py  cosines, sign conflicts, trimmed mass, interpolation curves
 Tooling, which imports the files above and never the reverse:
   safetensors_io.py  lazy safetensors reading, streaming shard writing
+  output_dir.py      which OUT_DIR is safe to write, atomic replacement, signals, leftovers of crashes
   yaml_runner.py     ``labkit merge CONFIG.yml OUT_DIR`` (mergekit YAML)
 
 Every public name is importable from ``labkit.merge`` itself, e.g. ``from labkit.merge import ties``.
