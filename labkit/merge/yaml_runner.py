@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 from ..device import get_device
-from .registry import MISSING, METHODS, check_model_count, check_param_names, get_method, merge_tensor, resolve
 from .output_dir import (MARKER, TOKENIZER_FILES, MergeInterrupted, check_out_dir, remove_leftovers,  # noqa: F401
                          resolve_out_dir, written_atomically)
+from .registry import MISSING, METHODS, check_model_count, check_param_names, get_method, merge_tensor, resolve
 from .safetensors_io import ModelDir, ShardWriter
 from .state_dict import check_compatible, check_finite
 
@@ -43,7 +43,6 @@ TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype",
 REFUSED_KEYS = {"tokenizer": "tokenizer merging", "chat_template": "chat template selection",
                 "modules": "multi-module merges"}
 DEFAULT_SHARD_BYTES = 5_000_000_000  # mergekit's default --out-shard-size (5B)
-
 
 
 # -------------------------------------------------------------------------------------- config
