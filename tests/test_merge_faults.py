@@ -33,12 +33,15 @@ import sys, time
 from labkit.merge import yaml_runner
 from labkit.cli import main
 
-def pause_after_each_tensor(count, name):  # so the parent can signal between any two tensors
-    print(f"tensor {count}", flush=True)
-    time.sleep(0.03)
+pause_at = int(sys.argv[1])
 
-yaml_runner._after_tensor = pause_after_each_tensor
-sys.exit(main(sys.argv[1:]))
+def pause(count, name):  # wait at the chosen tensor until the parent's signal arrives
+    if count == pause_at:
+        print(f"paused at tensor {count}", flush=True)
+        time.sleep(120)
+
+yaml_runner._after_tensor = pause
+sys.exit(main(sys.argv[2:]))
 """
 
 
@@ -47,7 +50,8 @@ def previous_output(zoo, tmp_path):
     """A config and an OUT_DIR that already holds a previous merge output (to be replaced with --force)."""
     path = write_config(tmp_path / "m.yml", zoo, **_ties())
     other = write_config(tmp_path / "other.yml", zoo, merge_method="linear",
-                         models=[{"model": "ft0", "parameters": {"weight": 1}}, {"model": "ft1", "parameters": {"weight": 2}}])
+                         models=[{"model": "ft0", "parameters": {"weight": 1}},
+                                 {"model": "ft1", "parameters": {"weight": 2}}])
     out = run_merge_config(other, tmp_path / "out", verbose=False)
     n_tensors = len(safetensors_io.ModelDir(zoo / "base").specs)
     return path, out, n_tensors
@@ -56,11 +60,11 @@ def previous_output(zoo, tmp_path):
 def _kill_at(config, out, sig, at_tensor):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("LABKIT_DEBUG", None)
-    child = subprocess.Popen([sys.executable, "-c", CHILD, "merge", str(config), str(out), "--force"],
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(at_tensor), "merge", str(config), str(out), "--force"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         for line in child.stdout:
-            if line.strip() == f"tensor {at_tensor}":
+            if line.strip() == f"paused at tensor {at_tensor}":
                 child.send_signal(sig)
                 break
         _, err = child.communicate(timeout=120)

@@ -282,3 +282,25 @@ def test_a_run_killed_between_the_renames_gets_its_old_out_dir_back(zoo, tmp_pat
         run_merge_config(path, out, verbose=False)
     assert snapshot(out) == before
     assert leftovers(tmp_path) == []
+
+
+def test_a_signal_during_the_final_renames_lets_them_finish(zoo, tmp_path, monkeypatch):
+    import signal
+
+    from labkit.merge import output_dir
+
+    path = write_config(tmp_path / "m.yml", zoo, **_ties())
+    out = run_merge_config(path, tmp_path / "out", verbose=False)
+    real_replace = os.replace
+    calls = []
+
+    def replace_then_signal(src, dst):  # SIGTERM right after OUT_DIR was moved aside
+        real_replace(src, dst)
+        calls.append(dst)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(output_dir.os, "replace", replace_then_signal)
+    run_merge_config(path, out, force=True, verbose=False)
+    assert len(calls) == 2 and (out / "config.json").exists() and leftovers(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler was put back

@@ -22,15 +22,7 @@ from .registry import (METHODS, REQUIRED, MergeMethod, Param, check_model_count,
                        merge_tensor, resolve, resolve_params, tensor_seed)
 from .state_dict import (SoupResult, TaskVector, as_state_dict, average_checkpoints, check_compatible, check_finite,
                          greedy_soup, interpolate, load_merged, merge, tensor_layout, uniform_soup)
-
-
-def run_merge_config(config_path, out_dir, **kwargs):
-    """``labkit merge CONFIG.yml OUT_DIR``: see ``labkit.merge.yaml_runner.run_merge_config``.
-    (Imported on use: the runner is tooling and pulls in yaml and safetensors.)"""
-    from .yaml_runner import run_merge_config as _run
-
-    return _run(config_path, out_dir, **kwargs)
-
+from .yaml_runner import MergeInterrupted, run_merge_config  # the CLI's runner, for scripts
 
 __all__ = [
     "linear", "slerp", "rescale_to_norm", "magnitude_trim", "random_drop", "breadcrumbs_trim", "elect_sign",
@@ -40,5 +32,5 @@ __all__ = [
     "as_state_dict", "tensor_layout", "check_compatible", "check_finite", "merge", "load_merged", "interpolate",
     "average_checkpoints", "uniform_soup", "SoupResult", "greedy_soup", "TaskVector",
     "linear_layer_names", "weight_matching", "permute_linear_chain", "align_mlp",
-    "cosine_matrix", "sign_conflict_rate", "trimmed_mass", "interpolation_curve", "run_merge_config",
+    "cosine_matrix", "sign_conflict_rate", "trimmed_mass", "interpolation_curve", "run_merge_config", "MergeInterrupted",
 ]
