@@ -20,8 +20,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[1]
 # what a checkout may hold that is not part of the project's source (environments, outputs, builds)
 _NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "venv", "reports", "release", "grades", "work", "build",
@@ -47,6 +45,7 @@ def wheel(tmp_path_factory) -> Path:
     return built
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_zoo_and_nothing_for_instructors_only(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     manifest = json.loads((REPO / "data" / "zoo" / "manifest.json").read_text())
@@ -87,6 +86,7 @@ def _borrowed_paths() -> list[str]:
     return paths
 
 
+@pytest.mark.slow
 def test_installed_wheel_loads_from_its_own_zoo(wheel, tmp_path):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
@@ -110,3 +110,18 @@ def test_installed_wheel_loads_from_its_own_zoo(wheel, tmp_path):
     assert result["logits"] == [3, 10]
     # every shipped file matches the manifest's SHA-256 in the installed copy too
     _run([str(venv / "bin" / "labkit"), "zoo", "verify"], cwd=tmp_path, env=env)
+
+
+def test_environment_yml_pins_the_torch_that_make_installs():
+    """conda users get the torch the kit is tested with: environment.yml and the Makefile agree."""
+    import re
+
+    import yaml
+
+    makefile = (REPO / "Makefile").read_text()
+    tested = re.search(r"^TORCH_VERSION \?= (\S+)$", makefile, re.M).group(1)
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    pip_lines = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    torch_pins = [line for line in pip_lines if re.match(r"torch\b", line)]
+    assert torch_pins == [f"torch=={tested}"], f"environment.yml pins {torch_pins}, the Makefile installs {tested}"
+    assert "--constraint constraints.txt" in pip_lines, "environment.yml does not apply constraints.txt"
