@@ -71,7 +71,11 @@ fi
 
 total=$((SECONDS - start))
 if [ ${#failed[@]} -eq 0 ] && [ "$total" -le "$BUDGET_S" ]; then
-    echo "make gpu: all parts passed in $total s of $BUDGET_S s on $device; commit $results/*$slug*"
+    if [ "$DRY" = "1" ]; then
+        echo "make gpu (dry run on $device, $mode sizes): all parts passed in $total s; results in $results/, not for committing"
+    else
+        echo "make gpu: all parts passed in $total s of $BUDGET_S s on $device; commit $results/*$slug*"
+    fi
     exit 0
 fi
 [ "$total" -gt "$BUDGET_S" ] && failed+=("the whole run ($total s, over its $BUDGET_S s)")
