@@ -79,5 +79,6 @@ if [ ${#failed[@]} -eq 0 ] && [ "$total" -le "$BUDGET_S" ]; then
     exit 0
 fi
 [ "$total" -gt "$BUDGET_S" ] && failed+=("the whole run ($total s, over its $BUDGET_S s)")
-printf 'make gpu: FAILED on %s: %s\n' "$device" "$(IFS=';'; echo "${failed[*]}")"
+summary=$(printf '%s; ' "${failed[@]}")
+echo "make gpu: FAILED on $device: ${summary%; }"
 exit 1
