@@ -12,6 +12,9 @@ STAMP := $(VENV)/.labkit-installed
 TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
+
+.PHONY: install labs test bench clean-venv jupyter
+
 comma := ,
 # A Chromium on this machine ($$LABKIT_CHROMIUM or on the PATH; `make browser-setup` installs Debian's)
 # turns on the browser test: the environment then gets Playwright too (the `browser` extra).
@@ -22,8 +25,6 @@ SUDO := $(if $(ROOT_USER),,sudo)
 # `make jupyter` opens your copies of the labs here, never the solution notebooks the tests compare against
 WORK ?= work
 JUPYTER_ARGS ?=
-
-.PHONY: install labs test bench clean-venv jupyter browser-setup gpu
 
 $(STAMP): pyproject.toml constraints.txt setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +45,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/labkit bench all
+
+.PHONY: browser-setup gpu
 
 # your copies of the labs in $(WORK)/: a notebook is copied from notebooks/ only when $(WORK)/ has none of
 # that name, so your edits are never overwritten (delete your copy to start that lab afresh)

@@ -19,7 +19,7 @@ def _shipped(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and not path.name.endswith(".tmp")
 
 
-class build_py_with_zoo(build_py):  # noqa: N801 - setuptools command classes are named after the command
+class BuildPyWithZoo(build_py):
     def run(self):
         super().run()
         if self.editable_mode:  # an editable install reads data/ in the checkout itself
@@ -34,4 +34,4 @@ class build_py_with_zoo(build_py):  # noqa: N801 - setuptools command classes ar
             self.copy_file(str(src), str(dst))
 
 
-setup(cmdclass={"build_py": build_py_with_zoo})
+setup(cmdclass={"build_py": BuildPyWithZoo})

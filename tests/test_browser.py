@@ -16,11 +16,14 @@ each lab notebook (``notebooks/0*.ipynb``) in Chromium driven by Playwright, run
 Screenshots of each notebook and of each widget before and after its slider moves go to
 ``reports/browser/`` (gitignored), for a person to look at when it fails.
 
-Runtime trade-off: this executes every lab a second time (nbval is the first), in one JupyterLab server
-and one browser for all labs, one kernel at a time. Measured on the shared 2-core CPU (smoke mode):
-see ``_MEASURED`` below; the full ``make test`` stays under its 15-minute budget with it. Running only
-the widget cells would be faster but would miss a lab that fails in the browser before its widget
-(a cell that depends on an earlier one), so all cells run.
+Runtime trade-off: this executes every lab a second time (nbval is the first), all cells, in one
+JupyterLab server and one browser for all labs, one kernel at a time. Measured on the 2-core CPU while
+about seven other jobs shared it (load average 10): 9 min wall for the four labs (00: 50 s, 01: 116 s,
+02: 87 s, 03: 269 s, server start 13 s) but only 2.4 CPU-minutes in all (server, kernels, Chromium),
+so about 3 minutes on an otherwise idle 2-core machine, on one of ``make test``'s two workers. Running
+only the widget cells, or showing the stored outputs of the heavy labs instead of executing them,
+would save those minutes but would miss what only a browser run finds in the other cells (a front-end
+error, an output JupyterLab cannot render, a cell that depends on the browser's state), so all cells run.
 
 It needs Chromium and Playwright (``make browser-setup``) and skips with a one-line reason otherwise.
 Chromium is found as ``$LABKIT_CHROMIUM`` or ``chromium`` / ``chromium-browser`` / ``google-chrome``
@@ -187,6 +190,18 @@ _SHUTDOWN = """async (path) => {
 }"""
 
 
+_KERNEL_IDLE = """(path) => {
+  const panel = window.jupyterapp.shell.widgets('main').find(w => w.context && w.context.path === path);
+  const kernel = panel && panel.sessionContext.session && panel.sessionContext.session.kernel;
+  return kernel !== null && kernel !== undefined && kernel.status === 'idle';
+}"""
+
+
+def _wait_kernel_idle(page, notebook: str) -> None:
+    """Wait until the kernel has finished what the page asked of it (e.g. redraws queued by a slider)."""
+    page.wait_for_function(_KERNEL_IDLE, arg=notebook, timeout=REDRAW_TIMEOUT_S * 1000)
+
+
 def _cell(page, index: int):
     return page.locator(".jp-Notebook .jp-Cell").nth(index)
 
@@ -224,10 +239,10 @@ def test_lab_runs_and_widgets_work_in_browser(browser, lab_server, notebook):
         cells = [c for c in page.evaluate(_CELL_OUTPUTS, notebook) if c is not None]
         page.screenshot(path=str(SCREENSHOTS / f"{stem}.png"))
 
-        errors = [(c["index"] + 1, o.get("ename"), o.get("evalue"))
+        errors = [(c["index"] + 1, c["source"].strip().splitlines()[:1], o.get("ename"), o.get("evalue"))
                   for c in cells for o in c["outputs"] if o.get("output_type") == "error"]
         assert not errors, f"{notebook}: error output in cell(s): " + "; ".join(
-            f"cell {i}: {name}: {value}" for i, name, value in errors)
+            f"cell {i} {first}: {name}: {value}" for i, first, name, value in errors)
         assert result == "ok", f"{notebook}: run all cells ended '{result}' after {run_seconds:.0f} s"
         not_run = [c["index"] + 1 for c in cells if c["executionCount"] is None]
         assert not not_run, f"{notebook}: code cells that did not run: {not_run}"
@@ -274,6 +289,7 @@ def _check_widget_cell(page, notebook: str, stem: str, cell: dict) -> None:
 
     sliders = locator.locator(".widget-slider")
     for k in range(sliders.count()):
+        _wait_kernel_idle(page, notebook)  # the previous slider's redraws are done: they cannot pass for this one's
         slider = sliders.nth(k)
         readout = slider.locator(".widget-readout")
         before_value = readout.inner_text() if readout.count() else None

@@ -28,7 +28,8 @@ _NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "venv", "reports", "releas
 
 def _run(cmd, **kwargs) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
-    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
@@ -60,7 +61,7 @@ def test_wheel_ships_the_zoo_and_nothing_for_instructors_only(wheel):
     # solutions, hidden tests and the instructor's bank stay out of what students install
     parts = [Path(n).parts for n in names]
     assert not [n for n, p in zip(names, parts) if "instructor" in p], "the wheel contains instructor/ files"
-    assert not [n for n, p in zip(names, parts) if p[0] in ("tests", "notebooks")], "the wheel contains tests/ or notebooks/"
+    assert not [n for n, p in zip(names, parts) if p[0] in ("tests", "notebooks")], "the wheel has tests/ or notebooks/"
     assert not [n for n in names if n.endswith(".ipynb")], "the wheel contains notebooks (solutions, hidden tests)"
     assert not [n for n in names if Path(n).name.startswith("test_")], "the wheel contains test files"
     instructor = REPO / "instructor"
@@ -119,7 +120,7 @@ def test_environment_yml_pins_the_torch_that_make_installs():
     import yaml
 
     makefile = (REPO / "Makefile").read_text()
-    tested = re.search(r"^TORCH_VERSION \?= (\S+)$", makefile, re.M).group(1)
+    tested = re.search(r"^TORCH_VERSION \?= (\S+)$", makefile, re.MULTILINE).group(1)
     env = yaml.safe_load((REPO / "environment.yml").read_text())
     pip_lines = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     torch_pins = [line for line in pip_lines if re.match(r"torch\b", line)]
