@@ -18,9 +18,10 @@ Screenshots of each notebook and of each widget before and after its slider move
 
 Runtime trade-off: this executes every lab a second time (nbval is the first), all cells, in one
 JupyterLab server and one browser for all labs, one kernel at a time. Measured on the 2-core CPU while
-about seven other jobs shared it (load average 10): 9 min wall for the four labs (00: 50 s, 01: 116 s,
-02: 87 s, 03: 269 s, server start 13 s) but only 2.4 CPU-minutes in all (server, kernels, Chromium),
-so about 3 minutes on an otherwise idle 2-core machine, on one of ``make test``'s two workers. Running
+about seven other jobs shared it (load average 9-10): 6.6 to 9 min wall for the four labs (00: 32-50 s,
+01: 91-116 s, 02: 78-87 s, 03: 189-269 s, server start 7-13 s) but only 2.4 CPU-minutes in all (server,
+kernels, Chromium), so about 3 minutes on an otherwise idle 2-core machine, on one of ``make test``'s
+two workers. Running
 only the widget cells, or showing the stored outputs of the heavy labs instead of executing them,
 would save those minutes but would miss what only a browser run finds in the other cells (a front-end
 error, an output JupyterLab cannot render, a cell that depends on the browser's state), so all cells run.
