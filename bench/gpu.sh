@@ -20,7 +20,7 @@ DRY=${LABKIT_GPU_DRY_RUN:-0}
 
 device_type=$("$BIN/python" -c "from labkit.device import get_device; print(get_device().type)" 2>/dev/null)
 if [ "$device_type" != "cuda" ] && [ "$DRY" != "1" ]; then
-    echo "make gpu: refused: the kit's device here is '${device_type:-unknown}', not CUDA (no GPU visible to torch, or LABKIT_DEVICE set)"
+    echo "make gpu: refused, nothing run: it needs CUDA (budget ${BUDGET_S} s on one H100/H200) and the kit's device here is '${device_type:-unknown}' (no GPU visible to torch, or LABKIT_DEVICE set)"
     exit 2
 fi
 device=$("$BIN/python" -c "from labkit.device import device_name; print(device_name())")
