@@ -6,6 +6,8 @@ ipykernel with ``sys.executable`` (nbval's ``--nbval-current-env`` does the same
 """
 from __future__ import annotations
 
+import sys
+
 import ipykernel.kernelspec
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
@@ -25,3 +27,14 @@ class CurrentEnvKernelManager(AsyncKernelManager):
     def __init__(self, **kwargs):
         kwargs.setdefault("kernel_spec_manager", CurrentEnvKernelSpecManager())
         super().__init__(**kwargs)
+
+
+class SandboxKernelSpecManager(KernelSpecManager):
+    """ipykernel's spec for the running interpreter, started through ``labkit.grading.sandbox``."""
+
+    sandbox_config = ""  # set per instance: the launcher's JSON config
+
+    def get_kernel_spec(self, kernel_name):
+        spec = ipykernel.kernelspec.get_kernel_dict()
+        spec["argv"] = [sys.executable, "-m", "labkit.grading.sandbox", self.sandbox_config, "--", *spec["argv"]]
+        return self.kernel_spec_class(resource_dir=ipykernel.kernelspec.RESOURCES, **spec)
