@@ -101,6 +101,32 @@ def _matches(dotted: str | None, locked: list[str]) -> str | None:
     return None
 
 
+def _base_name(node) -> str | None:
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _local_names(node) -> set[str]:
+    """Parameters and assigned names inside the functions of ``node`` (their own scope, not the notebook's)."""
+    names: set[str] = set()
+    for fn in ast.walk(node):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            a = fn.args
+            for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]:
+                if arg is not None:
+                    names.add(arg.arg)
+            body = fn.body if isinstance(fn.body, list) else [fn.body]
+            declared_global = {n for stmt in body for g in ast.walk(stmt) if isinstance(g, (ast.Global, ast.Nonlocal))
+                               for n in g.names}
+            for stmt in body:
+                for sub in ast.walk(stmt):
+                    if isinstance(sub, ast.Name) and isinstance(sub.ctx, (ast.Store, ast.Del)):
+                        names.add(sub.id)
+            names -= declared_global
+    return names
+
+
 def static_lock_check(sources: list[str], function: str, locked: list[str]) -> list[str]:
     """The locked names that the notebook's definition of ``function`` uses (sorted; [] when none).
 
@@ -149,6 +175,7 @@ def static_lock_check(sources: list[str], function: str, locked: list[str]) -> l
             hits.add(hit)
         for node in defs.get(name, []):
             local: dict[str, str] = {}
+            own = _local_names(node)
             for sub in ast.walk(node):
                 if isinstance(sub, (ast.Import, ast.ImportFrom)) and sub is not node:
                     for n, target in _import_names(sub):
@@ -157,6 +184,10 @@ def static_lock_check(sources: list[str], function: str, locked: list[str]) -> l
                         if hit:
                             hits.add(hit)
             for sub in ast.walk(node):
+                if isinstance(sub, ast.Name) and sub.id in own:
+                    continue  # a parameter or a variable of the function, not the notebook's name
+                if isinstance(sub, ast.Attribute) and _base_name(sub) in own:
+                    continue
                 if isinstance(sub, (ast.Name, ast.Attribute, ast.Call)):
                     hit = _matches(resolver.resolve(sub, local), locked)
                     if hit:
