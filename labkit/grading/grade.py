@@ -344,7 +344,7 @@ def grade_one(sub: dict, cell_timeout: float, timeout: float, executed_dir: str 
     Runs in a worker process; the student's code runs only in the sandboxed kernel (see ``sandbox``).
     Budgets: the notebook's cells share ``timeout`` (each at most ``cell_timeout``); testing the answers
     gets another ``timeout`` (each call round at most ``cell_timeout``); a watchdog kills the sandbox at
-    2 x ``timeout`` plus the kernel's start-up allowance, whatever the kernel does with signals.
+    2 x ``timeout`` plus two kernel start-up allowances, whatever the kernel does with signals.
     """
     from .judge import judge_question
     from .lock import static_lock_check
@@ -361,8 +361,8 @@ def grade_one(sub: dict, cell_timeout: float, timeout: float, executed_dir: str 
     own_base = base_dir is None
     base = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="labkit-grade-"))
     os.chmod(base, 0o755)
-    hard_deadline = t0 + 2 * timeout + _STARTUP_TIMEOUT
-    cpu = int(2 * timeout + _STARTUP_TIMEOUT) * 4
+    hard_deadline = t0 + 2 * timeout + 2 * _STARTUP_TIMEOUT  # two budgets, two kernel starts at most
+    cpu = int(2 * timeout + 2 * _STARTUP_TIMEOUT) * 4
     job = _Job(base, sub["name"], list(hide or []), int(memory_gb * 2**30), cpu)
     try:
         (job.work / sub["name"]).write_bytes(sub["raw"])  # the copy the student code sees
@@ -373,7 +373,7 @@ def grade_one(sub: dict, cell_timeout: float, timeout: float, executed_dir: str 
 
         def watchdog():
             if not stop_watch.wait(max(1.0, hard_deadline - time.monotonic())):
-                notes.append(f"the submission ran past its hard limit of {2 * timeout + _STARTUP_TIMEOUT:g} s "
+                notes.append(f"the submission ran past its hard limit of {2 * timeout + 2 * _STARTUP_TIMEOUT:g} s "
                              f"and was killed")
                 job.sweep()
 
@@ -432,13 +432,16 @@ def grade_one(sub: dict, cell_timeout: float, timeout: float, executed_dir: str 
                     notes.append(f"{label} raised {content.get('ename')}: {_one_line(content.get('evalue', ''))}")
                 elif status == "timeout":
                     notes.append(f"{label} was stopped after {limit:g} s (an endless loop?); the cells after it still ran")
-                    if not kernel.responsive(deadline - time.monotonic()):
+                    if not kernel.responsive(min(cell_timeout, deadline - time.monotonic())):
                         if not recover(f"{label} ignored the interrupt", deadline):
                             break
                 else:
                     if not recover(f"the kernel died while running {label}", deadline):
                         break
             sources = [c.source for c in nb.cells if c.cell_type == "code"]
+            if kernel.client is None:  # the notebook's budget ran out with a stuck kernel: a fresh one to test
+                recover("the kernel was stopped when the notebook's budget ran out",
+                        time.monotonic() + timeout + _STARTUP_TIMEOUT)
             test_deadline = time.monotonic() + timeout
             for q in sub["questions"]:
                 question = get_question(q["qid"])
@@ -449,7 +452,8 @@ def grade_one(sub: dict, cell_timeout: float, timeout: float, executed_dir: str 
                     remaining = test_deadline - time.monotonic()
                     if state["dead"] or kernel.client is None or remaining <= 1:
                         why = ("testing stopped: the submission used up its time budget" if remaining <= 1
-                               else "not tested: an earlier call of this answer did not finish")
+                               else "not tested: an earlier call of this answer did not finish" if state["dead"]
+                               else "not tested: no kernel was left (an earlier answer hung and time ran out)")
                         return {cid: _lost(why) for cid, *_ in calls}, set()
                     req, resp = job.new_exchange()
                     tensors: dict = {}
@@ -470,7 +474,7 @@ def grade_one(sub: dict, cell_timeout: float, timeout: float, executed_dir: str 
                         why = f"stopped after {limit:g} s: the answer did not finish (an endless loop?)"
                         outcomes = _read_outcomes(resp, calls, "timeout", why)
                         state["dead"] = True
-                        if not kernel.responsive(test_deadline - time.monotonic()):
+                        if not kernel.responsive(min(cell_timeout, test_deadline - time.monotonic())):
                             recover(f"question {q['qid']} ignored the interrupt", test_deadline)
                     elif status == "dead":
                         outcomes = _read_outcomes(resp, calls, "dead", "the kernel died while testing this answer")

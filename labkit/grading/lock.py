@@ -90,14 +90,43 @@ class _Resolver:
         return None
 
 
+_CANONICAL: dict = {}
+
+
+def _canonical(dotted: str) -> str | None:
+    """``module.qualname`` of the object a kit or library name refers to (re-exports resolved), else None.
+
+    Only names under the top-level packages of the locked names are resolved (importing the kit and
+    its libraries in the grader is trusted; a submission's own modules are never imported).
+    """
+    if dotted not in _CANONICAL:
+        obj = _resolve_object(dotted)
+        obj = getattr(obj, "__wrapped__", obj)
+        mod, qual = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+        _CANONICAL[dotted] = f"{mod}.{qual}" if isinstance(mod, str) and isinstance(qual, str) else None
+    return _CANONICAL[dotted]
+
+
 def _matches(dotted: str | None, locked: list[str]) -> str | None:
+    """The locked name that ``dotted`` names (itself, an attribute of it, or the same object re-exported)."""
     if not dotted:
         return None
     for name in locked:
         if dotted == name or dotted.startswith(name + "."):
             return name
-        # `from labkit import ensemble` then `ensemble.linear_interpolate` resolves to the same dotted
-        # name; a re-export (labkit.moe_dispatch.dispatch_sort via labkit.moe) is listed in the bank
+    roots = {name.split(".")[0] for name in locked}
+    if dotted.split(".")[0] in roots and "." in dotted:
+        # `from labkit.ensemble.combination import linear_interpolate` names the same function as
+        # `labkit.ensemble.linear_interpolate`: compare what they resolve to
+        parts = dotted.split(".")
+        for cut in range(len(parts), 1, -1):
+            target = _canonical(".".join(parts[:cut]))
+            if target is None:
+                continue
+            for name in locked:
+                if _canonical(name) == target:
+                    return name
+            break
     return None
 
 
