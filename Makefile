@@ -12,7 +12,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install labs test bench clean-venv jupyter
+.PHONY: install labs lint test bench clean-venv jupyter
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,13 @@ install: $(STAMP)
 labs: $(STAMP)
 	$(BIN)/labkit labs
 
-# two workers with one thread each: torch threads spinning on a shared 2-core machine thrash
+lint: $(STAMP)
+	$(BIN)/ruff check labkit notebooks/src tests
+
+# lint first (seconds), then two workers with one thread each: torch threads spinning on a shared
+# 2-core machine thrash
 test: $(STAMP)
+	$(BIN)/ruff check labkit notebooks/src tests
 	LABKIT_MODE=smoke OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile tests notebooks \
 		--nbval --nbval-current-env --nbval-cell-timeout=600 --nbval-sanitize-with tests/nbval_sanitize.cfg $(PYTEST_ARGS)
 

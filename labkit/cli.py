@@ -34,9 +34,15 @@ def _grade(args) -> int:
 
 
 def _labs(args) -> int:
-    from .labs import labs_cli
+    from .course.labs import labs_cli
 
     return labs_cli(args)
+
+
+def _build_notebooks(args) -> int:
+    from .course.build import build_cli
+
+    return build_cli(args)
 
 
 def _doctor(args) -> int:
@@ -46,7 +52,7 @@ def _doctor(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import BENCHMARKS, run_benchmark
+    from .benchmarks import BENCHMARKS, run_benchmark
 
     names = BENCHMARKS if args.name == "all" else [args.name]
     for name in names:
@@ -99,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--out", default="reports", help="folder for executed notebooks and the report")
     lb.add_argument("--timeout", type=float, default=1800.0, help="seconds per notebook")
     lb.set_defaults(func=_labs)
+
+    nb = sub.add_parser("build-notebooks", help="build notebooks/NN_name.ipynb from notebooks/src/NN_name.py")
+    nb.add_argument("names", nargs="*", help="notebooks to build, e.g. 00_welcome or 00 (default: every source)")
+    nb.add_argument("--check", action="store_true", help="write nothing; fail if a notebook differs from its source")
+    nb.set_defaults(func=_build_notebooks)
 
     d = sub.add_parser("doctor", help="print versions, device and mode; warn about untested versions")
     d.set_defaults(func=_doctor)

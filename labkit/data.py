@@ -185,48 +185,6 @@ def encode_for_training(prompts, answers, max_len: int = 32):
     return {"input_ids": input_ids, "attention_mask": attention, "labels": label_t}
 
 
-@torch.no_grad()
-def generate_answers(model, prompts, max_new_tokens: int = 12, batch_size: int = 256,
-                     do_sample: bool = False, temperature: float = 1.0, seed: int = 0):
-    """Complete each prompt with ``model`` and return the answers as strings (prompt and <eos> cut)."""
-    tok = _build_tokenizer()
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    answers = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start: start + batch_size])
-        enc = tok(chunk, return_tensors="pt", padding=True).to(device)
-        if do_sample:
-            torch.manual_seed(seed + start)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                             temperature=temperature if do_sample else None, top_k=None, top_p=None,
-                             pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID)
-        new = out[:, enc["input_ids"].shape[1]:]
-        answers += tok.batch_decode(new, skip_special_tokens=True)
-    model.train(was_training)
-    return answers
-
-
-def exact_match(model, dataset, batch_size: int = 256, max_new_tokens: int | None = None) -> float:
-    """Fraction of examples whose greedy answer equals the reference answer exactly."""
-    prompts, refs = list(dataset["prompt"]), list(dataset["answer"])
-    if not prompts:
-        raise ValueError("exact_match needs a non-empty dataset")
-    if max_new_tokens is None:
-        max_new_tokens = max(len(r) for r in refs) + 2
-    got = generate_answers(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return sum(g == r for g, r in zip(got, refs)) / len(refs)
-
-
-def unwanted_rate(texts) -> float:
-    """Fraction of texts that contain the unwanted word as a whole word."""
-    texts = list(texts)
-    if not texts:
-        raise ValueError("unwanted_rate needs at least one text")
-    return sum(UNWANTED_WORD in t.split() for t in texts) / len(texts)
-
-
 # ----------------------------------------------------------------------------- digits
 
 
@@ -305,3 +263,16 @@ def load_digits_shifted(kind: str = "rotate", severity: float = 1.0, seed: int =
     """The test split shifted by ``kind``: (X_test_shifted, y_test)."""
     d = load_digits(seed)
     return shift_digits(d.X_test, kind, severity, seed), d.y_test
+
+
+# Evaluation moved to labkit.evaluate, which builds on this module; the old names stay importable here.
+# Resolved on first access (PEP 562) because importing labkit.evaluate at the top would be circular.
+_MOVED_TO_EVALUATE = ("generate_answers", "exact_match", "unwanted_rate")
+
+
+def __getattr__(name):
+    if name in _MOVED_TO_EVALUATE:
+        from . import evaluate
+
+        return getattr(evaluate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,8 +9,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .data import encode_for_training, exact_match
+from .data import encode_for_training
 from .device import autocast, get_device
+from .evaluate import accuracy, exact_match, predict_logits  # noqa: F401 (predict_logits: importable here)
 
 
 def cosine_schedule(step: int, total: int, warmup: int) -> float:
@@ -111,27 +112,6 @@ def train_lm(model, data, steps: int, batch_size: int = 128, lr: float = 3e-3, w
         bar.close()
     model.eval()
     return history
-
-
-@torch.no_grad()
-def predict_logits(model, X, batch_size: int = 4096) -> torch.Tensor:
-    """Logits [N, C] of a classifier on X [N, ...], in eval mode, on the model's device."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = torch.cat([model(X[i: i + batch_size].to(device)) for i in range(0, len(X), batch_size)])
-    model.train(was_training)
-    return out
-
-
-def accuracy(model, X, y) -> float:
-    """Top-1 accuracy of a classifier on (X, y)."""
-    if len(X) != len(y):
-        raise ValueError(f"X has {len(X)} rows but y has {len(y)}")
-    if len(X) == 0:
-        raise ValueError("accuracy needs at least one example")
-    logits = predict_logits(model, X)
-    return (logits.argmax(-1).cpu() == torch.as_tensor(y).cpu()).float().mean().item()
 
 
 def train_classifier(model, X, y, steps: int = 1000, batch_size: int = 64, lr: float = 3e-3,

@@ -83,7 +83,7 @@ def test_rules_return_normalised_log_probs_and_keep_dtype():
         assert out.shape == (2, 7) and out.dtype == torch.float32
         torch.testing.assert_close(out.exp().sum(-1), torch.ones(2))
     assert ens.combine(logits, None, "log-linear").shape == (2, 7)
-    torch.testing.assert_close(ens.combine(logits, None, lambda l, w: l[0]), logits[0])
+    torch.testing.assert_close(ens.combine(logits, None, lambda member_logits, w: member_logits[0]), logits[0])
 
 
 @pytest.mark.parametrize("weights, match", [
@@ -343,7 +343,7 @@ def brute_force_generate(models, ids, mask, weights, rule, steps, generator=None
             tok = torch.multinomial(F.softmax(lp / temperature, -1), 1, generator=generator)[:, 0]
         tok = torch.where(done, torch.zeros_like(tok), tok)
         if eos is not None:
-            done |= tok == eos
+            done |= torch.isin(tok, torch.as_tensor(eos))
         ids = torch.cat([ids, tok[:, None]], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         all_lp.append(lp)
@@ -354,14 +354,17 @@ def brute_force_generate(models, ids, mask, weights, rule, steps, generator=None
 
 @pytest.mark.parametrize("rule, weights", [("linear", [0.5, 0.3, 0.2]), ("log_linear", [1.0, 0.8, -0.5])])
 @pytest.mark.parametrize("sample", [False, True])
-def test_ensemble_lm_equals_brute_force(members, rule, weights, sample):
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_ensemble_lm_equals_brute_force(members, rule, weights, sample, ignore_eos):
+    """By default a row stops at the members' EOS (id 2 in tiny_llama's config); ignore_eos runs on."""
     ids, mask = padded_prompts()
     lm = ens.EnsembleLM(members, weights=weights, rule=rule)
     gen_a = torch.Generator().manual_seed(7) if sample else None
     gen_b = torch.Generator().manual_seed(7) if sample else None
     got, got_lp = lm.generate(ids, mask, max_new_tokens=6, do_sample=sample, temperature=0.9, generator=gen_a,
-                              return_logprobs=True)
-    ref, ref_lp = brute_force_generate(members, ids, mask, weights, rule, 6, gen_b, 0.9)
+                              return_logprobs=True, ignore_eos=ignore_eos)
+    ref, ref_lp = brute_force_generate(members, ids, mask, weights, rule, 6, gen_b, 0.9,
+                                       eos=None if ignore_eos else [2])
     assert torch.equal(got, ref)
     torch.testing.assert_close(got_lp, ref_lp.float(), rtol=0, atol=1e-5)
     assert got.shape == (3, 5 + 6)
@@ -399,7 +402,7 @@ def test_single_member_greedy_equals_transformers_generate(members):
 def test_eos_stops_and_pads(members):
     ids, mask = padded_prompts()
     lm = ens.EnsembleLM(members, weights=[0.4, 0.4, 0.2])
-    free = lm.generate(ids, mask, max_new_tokens=6)
+    free = lm.generate(ids, mask, max_new_tokens=6, ignore_eos=True)
     eos = free[0, 6].item()  # the token row 0 emits at its second step
     got = lm.generate(ids, mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
     ref, _ = brute_force_generate(members, ids, mask, [0.4, 0.4, 0.2], "linear", 6, eos=eos)
@@ -469,10 +472,125 @@ def test_generate_errors(members):
         lm.generate(right_padded, (right_padded != 0).long(), max_new_tokens=1)
     with pytest.raises(ValueError, match="temperature > 0"):
         lm.generate(ids, mask, max_new_tokens=1, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="integer token ids, got torch.float32"):
+        lm.generate(ids.float(), mask, max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"outside the shared vocabulary \[0, 24\): min 3, max 24"):
+        lm.generate(torch.tensor([[3, 24]]), max_new_tokens=1)
     with pytest.raises(ValueError, match=r"\[M\] = \[2\]"):
         ens.EnsembleLM(members[:2], weights=[1.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="at least one member"):
         ens.EnsembleLM([])
+
+
+# ------------------------------------------------------------------------------------------------
+# 4b. EnsembleLM under bad input: lengths, EOS, context length, tokenizers (issue 10)
+
+
+def test_generate_stops_at_each_members_own_eos():
+    """Member a ends at token x, member b at token y: a row stops at whichever it emits first."""
+    a, b = tiny_llama(0), tiny_llama(1)
+    ids, mask = padded_prompts()
+    free = ens.EnsembleLM([a, b]).generate(ids, mask, max_new_tokens=6, ignore_eos=True)
+    x = free[0, 6].item()                                     # row 0's second new token
+    y = next(t for t in free[1, 5:].tolist() if t != x)       # a token row 1 emits that is not x
+    for model, eos in ((a, x), (b, y)):
+        model.config.eos_token_id = model.generation_config.eos_token_id = eos
+    lm = ens.EnsembleLM([a, b])
+    assert lm.eos_token_ids() == sorted({x, y})
+    got = lm.generate(ids, mask, max_new_tokens=6)
+    ref, _ = brute_force_generate([a, b], ids, mask, [0.5, 0.5], "linear", 6, eos=[x, y])
+    assert torch.equal(got, ref)
+    assert (got[0, 7:] == 0).all()                            # row 0 stopped at x and was padded
+    stop = 5 + free[1, 5:].tolist().index(y) if x not in free[1, 5:].tolist() else None
+    if stop is not None:
+        assert (got[1, stop + 1:] == 0).all()
+    # an explicit eos_token_id replaces the members' ids; ignore_eos runs the full length
+    assert torch.equal(lm.generate(ids, mask, max_new_tokens=6, ignore_eos=True), free)
+    only_x, _ = brute_force_generate([a, b], ids, mask, [0.5, 0.5], "linear", 6, eos=[x])
+    assert torch.equal(lm.generate(ids, mask, max_new_tokens=6, eos_token_id=x), only_x)
+    with pytest.raises(ValueError, match=r"eos_token_id \[24\] is outside the shared vocabulary \[0, 24\)"):
+        lm.generate(ids, mask, max_new_tokens=2, eos_token_id=24)
+
+
+def test_generate_eos_through_token_maps():
+    """With token_maps, a member's EOS (its own id) is read in the shared vocabulary."""
+    a, b = tiny_llama(0), tiny_llama(1)
+    a.generation_config.eos_token_id = 7
+    b.generation_config.eos_token_id = 3
+    b.config.eos_token_id = 3
+    to_b = torch.arange(24).roll(1)  # shared id s is member b's id s - 1 (mod 24): b's 3 is shared 4
+    lm = ens.EnsembleLM([a, b], token_maps=[torch.arange(24), to_b])
+    assert lm.eos_token_ids() == [4, 7]
+
+
+def test_generate_max_new_tokens_validation(members):
+    lm = ens.EnsembleLM(members[:2], weights=[0.5, 0.5])
+    ids, mask = padded_prompts()
+    for bad in (-1, 2.5, True, None):
+        with pytest.raises(ValueError, match=f"max_new_tokens must be an int >= 0, got {bad!r}"):
+            lm.generate(ids, mask, max_new_tokens=bad)
+    out, lp = lm.generate(ids, mask, max_new_tokens=0, return_logprobs=True)
+    assert torch.equal(out, ids) and lp.shape == (3, 0, 24)
+    assert torch.equal(lm.generate(ids, mask, max_new_tokens=0), ids)
+    one, lp1 = lm.generate(ids, mask, max_new_tokens=1, return_logprobs=True, ignore_eos=True)
+    assert one.shape == (3, 6) and lp1.shape == (3, 1, 24)
+    with pytest.raises(ValueError, match=r"pad_token_id must be a token id in \[0, 24\)"):
+        lm.generate(ids, mask, max_new_tokens=1, pad_token_id=-1)
+
+
+def test_generate_refuses_to_run_past_the_shortest_context():
+    long_ctx, short_ctx = tiny_llama(0), tiny_llama(1)  # 64 positions; the second is told it has 16
+    short_ctx.config.max_position_embeddings = 16
+    lm = ens.EnsembleLM([long_ctx, short_ctx])
+    ids, mask = padded_prompts()                        # longest prompt: 5 tokens
+    assert lm.context_length() == (16, 1)
+    assert lm.generate(ids, mask, max_new_tokens=11, ignore_eos=True).shape == (3, 16)
+    with pytest.raises(ValueError, match=r"longest prompt \(5 tokens\) \+ max_new_tokens \(12\) exceeds member 1's "
+                                         r"context length \(max_position_embeddings=16\): use at most 11 new tokens"):
+        lm.generate(ids, mask, max_new_tokens=12)
+    # positions count real tokens, not left padding: two real tokens in a width-3 batch leave 14
+    padded = torch.tensor([[0, 3, 4], [0, 0, 5]])
+    assert lm.generate(padded, (padded != 0).long(), max_new_tokens=14, ignore_eos=True).shape == (2, 17)
+    with pytest.raises(ValueError, match="at most 14 new tokens"):
+        lm.generate(padded, (padded != 0).long(), max_new_tokens=15)
+
+
+def test_ensemble_lm_checks_tokenizers(members):
+    vocab = {f"t{i}": i for i in range(24)}
+    swapped = dict(vocab, t5=6, t6=5)                   # same size, ids 5 and 6 exchanged
+    a, b = members[0], members[1]
+    with pytest.raises(ValueError, match="id 5 is 't5' in member 0 but 't6' in member 1"):
+        ens.EnsembleLM([a, b], tokenizers=[vocab, swapped])
+    ens.EnsembleLM([a, b], tokenizers=[vocab, dict(vocab)])
+    ens.EnsembleLM([a, b], tokenizers=[vocab, None])                          # a member without one is skipped
+    ens.EnsembleLM([a, b], tokenizers=[vocab, swapped], allow_vocab_mismatch=True)  # the explicit override
+    ens.EnsembleLM([a, b], tokenizers=[vocab, swapped], token_maps=[torch.arange(24)] * 2)  # maps say how ids match
+    with pytest.raises(ValueError, match="tokenizers has 1 entries for 2 members"):
+        ens.EnsembleLM([a, b], tokenizers=[vocab])
+
+
+def test_ensemble_lm_reads_tokenizers_saved_with_the_members(tmp_path):
+    """Members loaded from folders are checked with the tokenizers saved next to them (no argument)."""
+    import json
+
+    from transformers import LlamaForCausalLM
+
+    from labkit.data import VOCAB, get_tokenizer
+
+    tok = get_tokenizer()
+    for name in ("a", "same", "swapped"):
+        tiny_llama(0, vocab=len(VOCAB)).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    spec = json.loads((tmp_path / "swapped" / "tokenizer.json").read_text())
+    v = spec["model"]["vocab"]
+    v["a"], v["b"] = v["b"], v["a"]
+    (tmp_path / "swapped" / "tokenizer.json").write_text(json.dumps(spec))
+    a, same, swapped = (LlamaForCausalLM.from_pretrained(tmp_path / n) for n in ("a", "same", "swapped"))
+    ens.EnsembleLM([a, same])
+    with pytest.raises(ValueError, match=f"id {VOCAB['a']} is 'a' in member 0 but 'b' in member 1"):
+        ens.EnsembleLM([a, swapped])
+    ens.EnsembleLM([a, swapped], allow_vocab_mismatch=True)
+    assert ens.decode.local_tokenizer(tiny_llama(0)) is None  # built in memory: nothing to read
 
 
 def test_ensemble_next_token_step():
@@ -713,3 +831,17 @@ def test_gpu_matches_cpu(members):
     params, buffers, skeleton = ens.stack_members(models)
     torch.testing.assert_close(ens.stacked_forward(params, buffers, skeleton, x), ens.loop_forward(models, x),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_package_layout_and_public_names():
+    """The rules file stands alone; every name of the one-file module is still importable from the package."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(ens.__file__).parent
+    tree = ast.parse((root / "combination.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & {"decode", "members", "transformers"}, imported
+    for name in ens.__all__:
+        assert getattr(ens, name).__module__.startswith("labkit.ensemble."), name
+    assert ens.combine.__module__ == "labkit.ensemble.combination"  # the function, not a module

@@ -395,3 +395,60 @@ def test_check_same_vocab_on_kit_tokenizer():
     other[first], other[second] = vocab[second], vocab[first]
     with pytest.raises(ValueError, match="tokenizers differ"):
         check_same_vocab([tok, other])
+
+
+# ----------------------------------------------------------------------------- labkit.evaluate
+def test_evaluation_helpers_moved_to_evaluate_and_stay_importable():
+    import subprocess
+    import sys
+
+    from labkit import evaluate
+    from labkit.data import exact_match, generate_answers, unwanted_rate
+    from labkit.train import accuracy, predict_logits
+
+    assert (exact_match, generate_answers, unwanted_rate) == (evaluate.exact_match, evaluate.generate_answers,
+                                                             evaluate.unwanted_rate)
+    assert (accuracy, predict_logits) == (evaluate.accuracy, evaluate.predict_logits)
+    with pytest.raises(AttributeError, match="labkit.data' has no attribute 'exact_matches'"):
+        data.exact_matches  # noqa: B018
+    # data <-> evaluate must import in either order in a fresh interpreter (no circular import)
+    for first, second in (("evaluate", "data"), ("data", "evaluate"), ("train", "evaluate")):
+        code = f"import labkit.{first}, labkit.{second}; from labkit.data import exact_match"
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-500:]
+
+
+class _ScriptedLM(torch.nn.Module):
+    """A stand-in causal LM whose generate() appends a scripted answer (+ <eos>, then padding) per prompt."""
+
+    def __init__(self, answers):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.answers = list(answers)
+        self.calls = 0
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        tok = data.get_tokenizer()
+        rows = []
+        for _ in range(len(input_ids)):
+            ids = tok(self.answers[self.calls], add_special_tokens=False)["input_ids"] + [data.EOS_ID]
+            self.calls += 1
+            ids = (ids + [data.PAD_ID] * max_new_tokens)[:max_new_tokens]
+            rows.append(ids)
+        return torch.cat([input_ids, torch.tensor(rows)], dim=1)
+
+
+def test_exact_match_and_unwanted_rate_by_hand():
+    from labkit import evaluate
+
+    ds = {"prompt": ["c:ab=", "r:abc=", "a:1+2=", "s:31="], "answer": ["ab", "cba", "3", "13"]}
+    model = _ScriptedLM(["ab", "cb", "3", "13x"])  # right, too short, right, too long
+    assert evaluate.exact_match(model, ds, batch_size=3) == 2 / 4
+    assert model.calls == 4 and model.training  # every prompt answered once; the training flag restored
+    # answers are cut at <eos> and decoded without the prompt
+    assert evaluate.generate_answers(_ScriptedLM(["xy"]), ["c:xy="], max_new_tokens=5) == ["xy"]
+    assert evaluate.unwanted_rate(["darn it", "darned", "a darn b", "ok"]) == 0.5  # whole words only
+    with pytest.raises(ValueError, match="non-empty dataset"):
+        evaluate.exact_match(model, {"prompt": [], "answer": []})
+    with pytest.raises(ValueError, match="at least one text"):
+        evaluate.unwanted_rate([])

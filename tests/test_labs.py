@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from labkit.labs import labs_cli, report_markdown
+from labkit.course.labs import labs_cli, report_markdown
 
 
 def _write(path, sources):
@@ -20,7 +20,7 @@ def test_labs_runs_notebooks_and_writes_the_report(tmp_path, capsys):
     nbdir.mkdir()
     (nbdir / "data.txt").write_text("42")
     good = _write(nbdir / "01_good.ipynb", [
-        "import os\nfrom labkit.report import record, claim\nfrom labkit.device import run_mode",
+        "import os\nfrom labkit.course.report import record, claim\nfrom labkit.device import run_mode",
         "value = int(open('data.txt').read())  # the notebook's folder is the working directory\n"
         "record('answer', value)\nrecord('mode seen', run_mode())",
         "claim('the answer is 42', value == 42, detail=str(value))\nclaim('the answer is odd', value % 2 == 1)",
@@ -62,3 +62,24 @@ def test_labs_with_no_notebooks(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert labs_cli(SimpleNamespace(notebooks=[], mode=None, out="r", timeout=10)) == 2
     assert "none found" in capsys.readouterr().err
+
+
+def test_the_old_module_paths_still_import_the_same_objects():
+    """labs, report, bench, kernel and the nbval plugin moved; code that imports the old paths keeps working."""
+    import labkit.bench
+    import labkit.benchmarks
+    import labkit.course.kernel
+    import labkit.course.labs
+    import labkit.course.nbval_plugin
+    import labkit.course.report
+    import labkit.grading.kernel
+    import labkit.grading.nbval_plugin
+    import labkit.labs
+    import labkit.report
+
+    assert labkit.labs.labs_cli is labkit.course.labs.labs_cli
+    assert labkit.report.claim is labkit.course.report.claim and labkit.report.record is labkit.course.report.record
+    assert labkit.bench.time_fn is labkit.benchmarks.time_fn
+    assert labkit.bench.run_benchmark is labkit.benchmarks.run_benchmark
+    assert labkit.grading.kernel.CurrentEnvKernelManager is labkit.course.kernel.CurrentEnvKernelManager
+    assert labkit.grading.nbval_plugin.drop_volatile is labkit.course.nbval_plugin.drop_volatile

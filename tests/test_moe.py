@@ -429,6 +429,78 @@ def test_from_qwen_moe_blocks():
     torch.testing.assert_close(MoELayer.from_transformers(b3)(x), b3(x), rtol=1e-5, atol=1e-5)
 
 
+def test_from_transformers_keeps_float64_exactly():
+    """A float64 block converts without a float32 round trip: weights bit-identical, outputs to 1e-12."""
+    from transformers import Qwen2MoeConfig
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(hidden_size=16, intermediate_size=8, num_local_experts=4, num_experts_per_tok=2)
+    block = _randomise(MixtralSparseMoeBlock(cfg)).double().eval()
+    with torch.no_grad():  # values that float32 cannot hold: a float32 copy would round them
+        block.experts.gate_up_proj.add_(1e-12)
+    layer = MoELayer.from_transformers(block)
+    assert {p.dtype for p in layer.parameters()} == {torch.float64}
+    assert torch.equal(layer.experts.gate_up_proj, block.experts.gate_up_proj)
+    assert torch.equal(layer.experts.down_proj, block.experts.down_proj)
+    assert torch.equal(layer.router.weight, block.gate.weight)
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    # transformers' router rounds its softmax to float32, so the float64 reference is written out here
+    x2 = x.reshape(-1, 16)
+    probs = torch.softmax(x2 @ block.gate.weight.T, -1)
+    w, e = probs.topk(2, -1)
+    w = w / w.sum(-1, keepdim=True)
+    ref = torch.zeros_like(x2)
+    for t in range(len(x2)):
+        for j in range(2):
+            gu = block.experts.gate_up_proj[e[t, j]] @ x2[t]
+            h = F.silu(gu[:8]) * gu[8:]
+            ref[t] += w[t, j] * (block.experts.down_proj[e[t, j]] @ h)
+    torch.testing.assert_close(layer(x).reshape(-1, 16), ref, rtol=0, atol=1e-12)
+    assert (layer(x).reshape(-1, 16) - ref).abs().max() < (block(x).reshape(-1, 16) - ref).abs().max()
+    q2 = Qwen2MoeConfig(hidden_size=16, moe_intermediate_size=8, shared_expert_intermediate_size=12,
+                        num_experts=6, num_experts_per_tok=2)
+    b2 = _randomise(Qwen2MoeSparseMoeBlock(q2)).double()
+    l2 = MoELayer.from_transformers(b2)
+    assert torch.equal(l2.shared_experts.up_proj.weight, b2.shared_expert.up_proj.weight)
+    assert torch.equal(l2.shared_gate.weight, b2.shared_expert_gate.weight)
+    assert {p.dtype for p in l2.parameters()} == {torch.float64}
+    with pytest.raises(TypeError, match="dtype from the block"):
+        MoELayer.from_transformers(block, dtype=torch.float32)
+
+
+def test_from_transformers_builds_in_place_without_a_float32_cpu_copy():
+    """A meta-device bf16 block gives a meta bf16 layer (a CPU float32 copy could not copy from meta),
+    and converting a float64 block allocates no float32 tensor at all (every aten op's outputs watched)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    cfg = MixtralConfig(hidden_size=16, intermediate_size=8, num_local_experts=4, num_experts_per_tok=2)
+    with torch.device("meta"):
+        meta_block = MixtralSparseMoeBlock(cfg).to(torch.bfloat16)
+    layer = MoELayer.from_transformers(meta_block)
+    assert {(p.device.type, p.dtype) for p in layer.parameters()} == {("meta", torch.bfloat16)}
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.seen.append((str(func), t.device.type, t.dtype, t.numel()))
+            return out
+
+    block = MixtralSparseMoeBlock(cfg).double()
+    with Allocations() as watch:
+        MoELayer.from_transformers(block)
+    expert_sized = [s for s in watch.seen if s[3] >= 4 * 8 * 16]
+    assert expert_sized, "the watcher saw no expert-sized tensor: it is not watching"
+    assert all(dtype == torch.float64 for _, _, dtype, _ in expert_sized), \
+        [s for s in expert_sized if s[2] != torch.float64]
+
+
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
@@ -547,3 +619,21 @@ def test_cuda_auto_uses_grouped_gemm_for_prefill():
     if torch.cuda.get_device_capability() >= (8, 0):
         assert md.choose_backend(x, 2, gate_up, down) == "grouped"
     assert md.choose_backend(x[:2].float(), 2, gate_up.float(), down.float()) == "gather"
+
+
+# ---------------------------------------------------------------------------------------- layout
+def test_package_layout_methods_never_import_tooling():
+    """routing, layer and backends are what a student reads: no conversion, no distributed code in them."""
+    import ast
+    import pathlib
+
+    import labkit.moe.backends
+
+    root = pathlib.Path(moe.__file__).parent
+    for method in ("routing", "layer", "backends"):
+        tree = ast.parse((root / f"{method}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not imported & {"convert", "parallel", "transformers", "torch.distributed"}, (method, imported)
+    assert md is labkit.moe.backends  # the old module name is the same module, not a copy
+    assert moe.dispatch is md.dispatch and callable(moe.dispatch)

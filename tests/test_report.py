@@ -1,11 +1,11 @@
-"""labkit.report: record/claim print and store what `labkit labs` collects."""
+"""labkit.course.report (also importable as labkit.report): record/claim print and store what `labkit labs` collects."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from labkit import report
+from labkit.course import report
 
 
 def test_claim_prints_one_line_without_numbers_and_appends_json(tmp_path, monkeypatch, capsys):

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from labkit.bench import peak_memory, time_fn
 from labkit.device import get_device
-from labkit.ensemble import loop_forward, stack_members, stacked_forward
+from labkit.ensemble.members import loop_forward, stack_members, stacked_forward
 
 
 def make_member(d_in: int, hidden: int, n_classes: int, seed: int) -> nn.Module:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import moe_dispatch as md
+from ..moe import backends as md
 from ..bench import peak_memory, time_fn
 from ..device import get_device, synchronize
 

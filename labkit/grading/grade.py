@@ -100,7 +100,7 @@ class _Kernel:
     def start(self) -> None:
         from nbclient import NotebookClient
 
-        from .kernel import SandboxKernelSpecManager
+        from .sandbox import SandboxKernelSpecManager
 
         self._timeout = None
         self._reply: dict = {}

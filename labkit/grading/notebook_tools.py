@@ -1,6 +1,7 @@
-"""Build graded notebooks from Python scripts, and find the nbgrader regions in their cells.
+"""Find the nbgrader regions in notebook cells, and build graded cells.
 
-A notebook author writes a small script (see notebooks/src/) that lists cells::
+The notebooks are built from jupytext sources by ``labkit build-notebooks`` (labkit/course/build.py),
+which turns each source cell into one of the cells below::
 
     from labkit.grading import notebook_tools as nt
     cells = nt.header("00_welcome", "Welcome to labkit", "What this notebook shows...")
@@ -27,18 +28,25 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell
 
+from ..course import colab_url, repo_url
+
 BEGIN_SOLUTION, END_SOLUTION = "### BEGIN SOLUTION", "### END SOLUTION"
 BEGIN_HIDDEN, END_HIDDEN = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
-REPO_URL = "https://github.com/labkit-course/labkit"
-COLAB_URL = "https://colab.research.google.com/github/labkit-course/labkit/blob/main/notebooks/{name}.ipynb"
 BADGE = "[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
-# A clone, not `pip install git+...`: the zoo's checkpoints live in the repository's data/ folder.
-# An editable install keeps them next to the package; Colab's own torch satisfies the range and stays.
-INSTALL_CELL = f'''try:
+
+
+def install_cell() -> str:
+    """The notebooks' second cell: a no-op where labkit is importable, else clone the kit and install it.
+
+    A clone, not ``pip install git+...``: the zoo's checkpoints live in the repository's data/ folder.
+    An editable install keeps them next to the package; Colab's own torch satisfies the range and stays.
+    The URL is the project's one setting (``labkit.course.repo_url()``).
+    """
+    return f'''try:
     import labkit
 except ImportError:  # on Colab (or anywhere labkit is missing): clone the kit with its zoo and install it
     import subprocess, sys
-    subprocess.run(["git", "clone", "--depth", "1", "{REPO_URL}", "labkit-repo"], check=True)
+    subprocess.run(["git", "clone", "--depth", "1", "{repo_url()}", "labkit-repo"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "labkit-repo"], check=True)
     sys.path.insert(0, "labkit-repo")
     import labkit'''
@@ -198,10 +206,10 @@ def tests(qid: str, function: str | None = None) -> list:
 
 def header(name: str, title: str, intro: str = "") -> list:
     """The two cells every notebook opens with: title + Colab badge (+ intro), then the install cell."""
-    text = f"# {title}\n\n{BADGE.format(url=COLAB_URL.format(name=name))}"
+    text = f"# {title}\n\n{BADGE.format(url=colab_url(name))}"
     if intro:
         text += "\n\n" + _clean(intro)
-    return [new_markdown_cell(text), new_code_cell(INSTALL_CELL)]
+    return [new_markdown_cell(text), new_code_cell(install_cell())]
 
 
 def new_notebook(name: str, cells: list):

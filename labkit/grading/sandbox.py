@@ -318,5 +318,33 @@ def kill_all(launcher_pid: int | None, child_pid: int | None, ns_inode: str | No
         time.sleep(0.05)
 
 
+_SPEC_CLASS = None
+
+
+def _kernel_spec_manager_class():
+    import ipykernel.kernelspec
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    class SandboxKernelSpecManager(KernelSpecManager):
+        """ipykernel's spec for the running interpreter, started through this module's launcher."""
+
+        sandbox_config = ""  # set per instance: the launcher's JSON config
+
+        def get_kernel_spec(self, kernel_name):
+            spec = ipykernel.kernelspec.get_kernel_dict()
+            spec["argv"] = [sys.executable, "-m", "labkit.grading.sandbox", self.sandbox_config, "--", *spec["argv"]]
+            return self.kernel_spec_class(resource_dir=ipykernel.kernelspec.RESOURCES, **spec)
+
+    return SandboxKernelSpecManager
+
+
+def __getattr__(name):  # jupyter_client is imported only by the grader, not by the launcher
+    global _SPEC_CLASS
+    if name == "SandboxKernelSpecManager":
+        _SPEC_CLASS = _SPEC_CLASS or _kernel_spec_manager_class()
+        return _SPEC_CLASS
+    raise AttributeError(name)
+
+
 if __name__ == "__main__":
     sys.exit(main())

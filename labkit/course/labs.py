@@ -1,0 +1,179 @@
+"""``labkit labs``: run every solution notebook headless and write a short report.
+
+Each notebook runs in a fresh kernel with its own folder as the working directory, with
+``LABKIT_MODE`` set and ``LABKIT_REPORT_FILE`` pointing at a per-notebook file that
+``labkit.course.report.record`` / ``claim`` append to. The executed notebooks go to OUT/executed/, the
+report to OUT/report.md and OUT/report.json: per lab its key results, its claims (reproduced or not),
+its error if it failed, its wall time, plus the device and the mode.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+
+
+class _NotebookTimeout(Exception):
+    pass
+
+
+def _versions() -> dict:
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "datasets", "numpy"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - a missing optional package is reported as such
+            out[name] = "missing"
+    from .. import __version__
+
+    out["labkit"] = __version__
+    return out
+
+
+def run_notebook(path: Path, out: Path, mode: str, timeout: float) -> dict:
+    """Execute one notebook into out/executed/; return its lab entry for the report."""
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+    from .kernel import CurrentEnvKernelManager
+    from .report import read_report_file
+
+    stem = path.stem
+    records_file = out / "records" / f"{stem}.jsonl"
+    records_file.unlink(missing_ok=True)
+    entry = {"notebook": stem, "path": str(path), "ok": False, "error": None, "seconds": 0.0,
+             "records": {}, "claims": []}
+    try:
+        nb = nbformat.read(path, as_version=4)
+    except Exception as e:  # noqa: BLE001 - an unreadable notebook is this lab's error, not the run's end
+        entry["error"] = f"not a readable notebook: {type(e).__name__}: {e}"
+        return entry
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+
+    def check_budget(cell=None, cell_index=None, **_):
+        if time.monotonic() > deadline:
+            raise _NotebookTimeout(f"the notebook ran past its {timeout:g} s budget "
+                                   f"(stopped before cell {cell_index + 1})")
+
+    client = NotebookClient(
+        nb, kernel_name="python3", kernel_manager_class=CurrentEnvKernelManager, allow_errors=False,
+        record_timing=True, startup_timeout=180,
+        timeout_func=lambda cell: max(1.0, deadline - time.monotonic()), shutdown_kernel="immediate",
+        resources={"metadata": {"path": str(path.parent.resolve())}}, on_cell_start=check_budget,
+    )
+    env = dict(os.environ, LABKIT_MODE=mode, LABKIT_REPORT_FILE=str(records_file.resolve()),
+               PYDEVD_DISABLE_FILE_VALIDATION="1")
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    with open(out / "logs" / f"{stem}.log", "wb") as log:
+        try:
+            client.execute(env=env, stdout=log, stderr=log)
+            entry["ok"] = True
+        except CellExecutionError as e:
+            entry["error"] = _cell_error(nb, e)
+        except CellTimeoutError:
+            entry["error"] = f"a cell ran past the notebook's {timeout:g} s budget"
+        except _NotebookTimeout as e:
+            entry["error"] = str(e)
+        except DeadKernelError:
+            entry["error"] = f"the kernel died (see {out / 'logs' / (stem + '.log')})"
+        except Exception as e:  # noqa: BLE001 - e.g. no kernel could start: report it for this lab
+            entry["error"] = f"{type(e).__name__}: {e}"
+    entry["seconds"] = round(time.monotonic() - t0, 1)
+    nbformat.write(nb, str(out / "executed" / path.name))
+    entry.update(read_report_file(records_file))
+    return entry
+
+
+def _cell_error(nb, err) -> str:
+    """'cell 7: ValueError: ...' for the first cell whose outputs hold an error."""
+    for i, cell in enumerate(nb.cells):
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "error":
+                return f"cell {i + 1}: {o.get('ename')}: {' '.join(str(o.get('evalue', '')).split())[:300]}"
+    return " ".join(str(err).split())[:300]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, dict)):
+        s = json.dumps(v)
+        return s if len(s) <= 80 else s[:77] + "..."
+    return str(v)
+
+
+def report_markdown(report: dict) -> str:
+    """The human-readable report: a summary table, then per lab its claims and key results."""
+    v = report["versions"]
+    lines = ["# labkit labs report", "",
+             f"Device: {report['device']} · mode: {report['mode']} · torch {v.get('torch')} · "
+             f"transformers {v.get('transformers')} · Python {v.get('python')} · labkit {v.get('labkit')}", "",
+             "| lab | status | claims reproduced | wall time |", "|---|---|---|---|"]
+    for lab in report["labs"]:
+        n_ok = sum(c["passed"] for c in lab["claims"])
+        status = "ok" if lab["ok"] else "**error**"
+        lines.append(f"| {lab['notebook']} | {status} | {n_ok}/{len(lab['claims'])} | {lab['seconds']:.0f} s |")
+    for lab in report["labs"]:
+        lines += ["", f"## {lab['notebook']}", ""]
+        if lab["error"]:
+            lines += [f"Error: {lab['error']}", ""]
+        if lab["claims"]:
+            lines += ["Claims:", ""]
+            for c in lab["claims"]:
+                detail = f" ({c['detail']})" if c["detail"] else ""
+                lines.append(f"- {'✓' if c['passed'] else '✗'} {c['text']}{detail}")
+            lines.append("")
+        if lab["records"]:
+            lines += ["| key result | value |", "|---|---|"]
+            lines += [f"| {k} | {_fmt(val)} |" for k, val in lab["records"].items()]
+        if not (lab["claims"] or lab["records"] or lab["error"]):
+            lines.append("(no key results recorded)")
+    return "\n".join(lines) + "\n"
+
+
+def run_labs(notebooks: list[str | Path], out: str | Path, mode: str | None = None, timeout: float = 1800.0,
+             echo=print) -> dict:
+    """Run the notebooks one after the other; write OUT/report.{md,json}; return the report dict."""
+    from ..device import device_name, run_mode
+
+    mode = mode or run_mode()
+    out = Path(out)
+    (out / "executed").mkdir(parents=True, exist_ok=True)
+    (out / "records").mkdir(parents=True, exist_ok=True)
+    report = {"mode": mode, "device": device_name(), "versions": _versions(),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "labs": []}
+    for p in map(Path, notebooks):
+        lab = run_notebook(p, out, mode, timeout)
+        report["labs"].append(lab)
+        n_ok = sum(c["passed"] for c in lab["claims"])
+        status = "ok   " if lab["ok"] else "ERROR"
+        echo(f"{status} {lab['notebook']:<28} {n_ok}/{len(lab['claims'])} claims  {lab['seconds']:6.0f} s"
+             + (f"  {lab['error']}" if lab["error"] else ""))
+    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (out / "report.md").write_text(report_markdown(report), encoding="utf-8")
+    return report
+
+
+def labs_cli(args) -> int:
+    notebooks = list(args.notebooks or []) or sorted(str(p) for p in Path("notebooks").glob("*.ipynb"))
+    if not notebooks:
+        print("labkit labs: no notebooks given and none found in notebooks/", file=sys.stderr)
+        return 2
+    report = run_labs(notebooks, args.out, mode=args.mode, timeout=args.timeout)
+    labs = report["labs"]
+    failed = [lab["notebook"] for lab in labs if not lab["ok"]]
+    claims = [c for lab in labs for c in lab["claims"]]
+    seconds = sum(lab["seconds"] for lab in labs)
+    print(f"labs: {len(labs) - len(failed)}/{len(labs)} notebooks ran, "
+          f"{sum(c['passed'] for c in claims)}/{len(claims)} claims reproduced, "
+          f"{seconds:.0f} s on {report['device']} ({report['mode']} mode) -> {Path(args.out) / 'report.md'}"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0

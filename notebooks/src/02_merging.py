@@ -1,0 +1,897 @@
+# The source of notebooks/02_merging.ipynb: a jupytext percent script (cell kinds and tags are described
+# in labkit/course/build.py). Edit this file, never the notebook, then build and execute it:
+#   labkit build-notebooks 02_merging
+#   LABKIT_MODE=smoke OMP_NUM_THREADS=1 \
+#     jupyter nbconvert --to notebook --execute --inplace notebooks/02_merging.ipynb
+
+# %% [markdown]
+# # 02 · Merging models in weight space
+#
+# Ensembling (lab 01) combines models' *outputs* and pays for every member at inference. **Merging**
+# combines their *parameters* into one model that costs exactly one model to run. That only works when
+# the models' parameters mean the same thing, which depends on where they came from:
+#
+# | method | needs |
+# |---|---|
+# | averaging, soups, task vectors, TIES, DARE, SLERP | the **same architecture** and the **same initialisation** |
+# | permutation alignment, then averaging | the same architecture; repairs independent initialisations of simple MLPs |
+# | ensembling, distillation (labs 01 and 04) | any models |
+#
+# The same initialisation means fine-tunes of one base, or checkpoints of one run.
+#
+# In this lab you will
+#
+# 1. see why averaging two independently trained networks fails (permutation symmetry), why averaging
+#    fine-tunes of one base works, and how **aligning** hidden units repairs the first case;
+# 2. average checkpoints of one training run;
+# 3. cook **model soups** (uniform and greedy) and compare averaging with ensembling;
+# 4. do **task arithmetic** on small language models and on digit classifiers: add skills, remove one, scale them;
+# 5. implement **TIES** and compare it with task arithmetic and linear merging, look at **DARE** and **SLERP**;
+# 6. run the same merge from a **mergekit YAML file** with `labkit merge`.
+#
+# Graded exercises: `weighted_average` (2 points), `greedy_soup` (2), `task_arithmetic` (2),
+# `ties_trim`, `ties_elect`, `ties_disjoint_mean` (1 each).
+
+# %%
+import copy
+import itertools
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from labkit import merge, zoo
+from labkit.course.report import claim, record
+from labkit.data import encode_for_training, exact_match, generate_answers, load_digits, load_digits_shifted
+from labkit.data import make_task_dataset, unwanted_rate
+from labkit.device import by_mode, get_device, seed_everything
+from labkit.grading import check
+from labkit.train import predict_logits
+
+device = get_device()
+seed_everything(0)
+print("ready")
+
+
+# %% [markdown]
+# ## 1. Averaging parameters, and why it needs a shared start
+#
+# The simplest merge is a weighted average of every tensor,
+# $\theta = \sum_i w_i \theta_i / \sum_i w_i$. It is what checkpoint averaging, model soups and
+# mergekit's `linear` method compute.
+#
+# ### Exercise 1: weighted average of state dicts (2 points)
+#
+# Average every tensor of a list of state dicts with the given weights, dividing by the weights'
+# sum. Compute in float32 whatever the storage dtype and return each tensor in its input dtype (the
+# usual practice: bf16 checkpoints, float32 arithmetic). Raise `ValueError` when the numbers of state
+# dicts and weights differ, when the weights sum to 0, or when the state dicts hold different tensors.
+
+# %% tags=["solution"]
+def weighted_average(state_dicts, weights):
+    """theta = sum_i w_i theta_i / sum_i w_i for every tensor (float32 arithmetic, inputs' dtype)."""
+    ### BEGIN SOLUTION
+    if len(state_dicts) != len(weights):
+        raise ValueError(f"{len(state_dicts)} state dicts but {len(weights)} weights")
+    total = float(sum(weights))
+    if abs(total) < 1e-12:
+        raise ValueError("the weights sum to 0")
+    keys = set(state_dicts[0])
+    if any(set(sd) != keys for sd in state_dicts):
+        raise ValueError("the state dicts hold different tensors")
+    return {k: (sum(float(w) * sd[k].float() for w, sd in zip(weights, state_dicts)) / total).to(v.dtype)
+            for k, v in state_dicts[0].items()}
+    ### END SOLUTION
+
+
+# %% tags=["tests"]
+check("merge.weighted_average", weighted_average)
+
+# %% [markdown]
+# ### Permutation symmetry
+#
+# Swap two hidden units of an MLP, that is two rows of the first layer's weight (and bias) and the
+# same two columns of the next layer's weight: the network computes **exactly the same function**
+# with different parameters. A hidden layer of width $h$ has $h!$ such orderings, and two networks
+# trained from different random initialisations settle on unrelated ones. Averaging them averages
+# unit $i$ of one with an unrelated unit $i$ of the other.
+#
+# The zoo's `digits/mlp-s0` and `digits/mlp-s1` are the same MLP (64-128-128-10) trained from two
+# seeds. First, a permutation changes the parameters but not the function:
+
+# %%
+digits = load_digits()
+X_val, y_val, X_test, y_test = digits.X_val, digits.y_val, digits.X_test, digits.y_test
+mlp_a, mlp_b = zoo.load("digits/mlp-s0", device="cpu"), zoo.load("digits/mlp-s1", device="cpu")
+
+names = merge.linear_layer_names(mlp_a)
+g = torch.Generator().manual_seed(0)
+perms = [torch.randperm(128, generator=g), torch.randperm(128, generator=g)]
+shuffled = merge.load_merged(mlp_a, merge.permute_linear_chain(mlp_a.state_dict(), names, perms))
+print("Linear layers:", names)
+print("same outputs after permuting hidden units:",
+      torch.allclose(predict_logits(mlp_a, X_test), predict_logits(shuffled, X_test), atol=1e-5))
+print("same parameters:", torch.equal(mlp_a.layers[0].weight, shuffled.layers[0].weight))
+
+
+# %% [markdown]
+# Now walk the straight line $\theta(\alpha) = (1-\alpha)\theta_A + \alpha\theta_B$ between two models
+# and measure loss and accuracy on the validation set. For two independently trained MLPs the middle
+# is worse than both ends (a **loss barrier**). For two fine-tunes of one base (`digits/soup-ft0`,
+# `digits/soup-ft1`: same start, different hyperparameters) the path stays flat.
+#
+# **Weight matching** (Ainsworth et al. 2023, *Git Re-Basin*) repairs the first case: for each hidden
+# layer find the permutation of B's units that maximises $\sum_l \langle W^A_l, P_l W^B_l P_{l-1}^\top\rangle$,
+# a linear assignment problem solved layer by layer with the Hungarian algorithm
+# (`labkit.merge.weight_matching`). The aligned B computes the same function as B, but now sits in
+# A's basin.
+
+# %%
+def digits_eval(model_or_state, X=None, y=None):
+    """Validation (or given X, y) loss and accuracy of a digits classifier or a state dict."""
+    X, y = (X_val, y_val) if X is None else (X, y)
+    model = merge.load_merged(mlp_a, model_or_state) if isinstance(model_or_state, dict) else model_or_state
+    logits = predict_logits(model, X)
+    return {"loss": F.cross_entropy(logits, y).item(), "acc": (logits.argmax(-1) == y).float().mean().item()}
+
+soup_models = [zoo.load(f"digits/soup-ft{i}", device="cpu") for i in range(8)]
+mlp_b_aligned = merge.align_mlp(mlp_a, mlp_b)
+print("aligned B computes the same function as B:",
+      torch.allclose(predict_logits(mlp_b, X_test), predict_logits(mlp_b_aligned, X_test), atol=1e-5))
+
+alphas = [i / 10 for i in range(11)]
+curves = {
+    "independent seeds (mlp-s0 -> mlp-s1)": merge.interpolation_curve(mlp_a, mlp_b, digits_eval, alphas),
+    "same seeds after alignment": merge.interpolation_curve(mlp_a, mlp_b_aligned, digits_eval, alphas),
+    "fine-tunes of one base (soup-ft0 -> soup-ft1)": merge.interpolation_curve(soup_models[0], soup_models[1],
+                                                                                digits_eval, alphas),
+}
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+for label, rows in curves.items():
+    axes[0].plot(alphas, [r["loss"] for r in rows], marker="o", label=label)
+    axes[1].plot(alphas, [r["acc"] for r in rows], marker="o", label=label)
+axes[0].set_ylabel("validation loss"), axes[1].set_ylabel("validation accuracy")
+for ax in axes:
+    ax.set_xlabel(r"$\alpha$ in $(1-\alpha)\theta_A + \alpha\theta_B$")
+axes[1].legend(fontsize=8)
+fig.suptitle("Linear interpolation between two models")
+plt.tight_layout()
+plt.show()
+for label, rows in curves.items():
+    ends = min(rows[0]["loss"], rows[-1]["loss"])
+    print(f"{label:48s} loss at the ends {rows[0]['loss']:.3f} / {rows[-1]['loss']:.3f}, "
+          f"at the midpoint {rows[5]['loss']:.3f} (acc {rows[5]['acc']:.3f})")
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+barrier = {label: rows[5]["loss"] - (rows[0]["loss"] + rows[-1]["loss"]) / 2 for label, rows in curves.items()}
+indep, aligned, finetunes = barrier.values()
+rows_indep = curves["independent seeds (mlp-s0 -> mlp-s1)"]
+rows_ft = curves["fine-tunes of one base (soup-ft0 -> soup-ft1)"]
+record("loss barrier at the midpoint", barrier)
+record("midpoint accuracy", {label: rows[5]["acc"] for label, rows in curves.items()})
+claim("averaging two independently initialised models fails: the midpoint's loss is over twice the ends'",
+      rows_indep[5]["loss"] > 2 * (rows_indep[0]["loss"] + rows_indep[-1]["loss"]) / 2,
+      detail=f"midpoint {rows_indep[5]['loss']:.3f}, ends {rows_indep[0]['loss']:.3f} / {rows_indep[-1]['loss']:.3f}")
+claim("averaging fine-tunes of one base works: the midpoint is no worse than the worse end",
+      rows_ft[5]["loss"] <= max(rows_ft[0]["loss"], rows_ft[-1]["loss"]),
+      detail=f"midpoint {rows_ft[5]['loss']:.4f}, ends {rows_ft[0]['loss']:.4f} / {rows_ft[-1]['loss']:.4f}")
+claim("aligning hidden units (weight matching) removes most of the barrier", aligned < 0.25 * indep,
+      detail=f"barrier {aligned:.4f} vs {indep:.3f}")
+
+# %% [markdown]
+# The independent MLPs are trained on an easy task with dropout, so their average does not fall to
+# chance: the midpoint loses a few points of accuracy and its loss is several times higher. On
+# larger networks and harder tasks the midpoint of two independent models is often no better than
+# guessing. Alignment works here because an MLP's symmetries are exactly the unit permutations;
+# transformers have more (attention heads, residual stream rotations), which is why practical
+# merging sticks to fine-tunes of one base.
+#
+# ## 2. Checkpoint averaging
+#
+# Along one training run, consecutive checkpoints share their initialisation and their trajectory,
+# so they can be averaged. Averaging the last few checkpoints (as in the Transformer paper for
+# machine translation) cancels part of the noise of SGD's final steps. The zoo holds checkpoints of
+# one run of `digits/ckpt-*` at steps 100, 200, 400, 800 and 1500.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+steps = [100, 200, 400, 800, 1500]
+checkpoints = [zoo.load(f"digits/ckpt-{s}", device="cpu") for s in steps]
+rows = []
+for last in (1, 2, 3):
+    averaged = merge.average_checkpoints(checkpoints, last=last)
+    val, test = digits_eval(averaged), digits_eval(averaged, X_test, y_test)
+    rows.append((last, val, test))
+    print(f"average of the last {last} checkpoint(s) (steps {steps[-last:]}): "
+          f"val loss {val['loss']:.3f} acc {val['acc']:.3f} | test loss {test['loss']:.3f} acc {test['acc']:.3f}")
+record("checkpoint averaging (last k): val and test loss/acc", {r[0]: {"val": r[1], "test": r[2]} for r in rows})
+
+
+# %% [markdown]
+# Averaging with the late checkpoints lowers the validation loss; accuracy moves by a few of the 360
+# test examples in either direction, within noise on a test set this small. These checkpoints are
+# far apart (the last ones are 700 steps apart with a decaying learning rate), which is where
+# averaging helps least; averaging many checkpoints of the final phase is the usual recipe.
+#
+# ## 3. Model soups
+#
+# Wortsman et al. (2022) fine-tune one pre-trained model many times with different hyperparameters
+# and **average the fine-tunes**: a *soup*. The **uniform soup** averages all of them; the **greedy
+# soup** sorts them by held-out accuracy and adds each to the pot only if the held-out accuracy of
+# the average does not drop. The zoo's `digits/soup-ft0..7` are fine-tunes of `digits/soup-base`
+# with different learning rates, weight decay, label smoothing and noise augmentation.
+#
+# ### Exercise 2: the greedy soup (2 points)
+#
+# `models` is a list of state dicts, `evaluate(state_dict) -> float` a held-out score (higher is
+# better). Sort the models by their own score (best first; keep the original order among equal
+# scores), start the soup with the best one, and try the others in that order: keep a model if the
+# **uniform average** of the soup with it scores at least as well as the soup without it. Return
+# `(soup_state_dict, chosen)` where `chosen` lists the indices of the kept models in the order they
+# were added. Use your `weighted_average`.
+
+# %% tags=["solution"]
+def greedy_soup(models, evaluate):
+    """Greedy soup (Wortsman et al. 2022, recipe 1) -> (soup state dict, chosen indices)."""
+    ### BEGIN SOLUTION
+    scores = [evaluate(m) for m in models]
+    order = sorted(range(len(models)), key=lambda i: -scores[i])
+    chosen, best = [order[0]], scores[order[0]]
+    for i in order[1:]:
+        candidate = weighted_average([models[j] for j in chosen + [i]], [1.0] * (len(chosen) + 1))
+        score = evaluate(candidate)
+        if score >= best:
+            chosen, best = chosen + [i], score
+    return weighted_average([models[j] for j in chosen], [1.0] * len(chosen)), chosen
+    ### END SOLUTION
+
+
+# %% tags=["tests"]
+check("merge.greedy_soup", greedy_soup)
+
+# %% [markdown]
+# Cook both soups. Selection uses the **validation** set only; the test set and two shifted versions
+# of it (Gaussian pixel noise, rotation by ±20°) judge the result.
+
+# %%
+eval_sets = {"val": (X_val, y_val), "test": (X_test, y_test),
+             "test+noise": load_digits_shifted("noise"), "test+rotate": load_digits_shifted("rotate")}
+soup_states = [m.state_dict() for m in soup_models]
+val_acc = lambda sd: digits_eval(sd)["acc"]  # noqa: E731
+individual = [val_acc(sd) for sd in soup_states]
+best_single = max(range(len(soup_states)), key=lambda i: individual[i])
+greedy_state, chosen = greedy_soup(soup_states, val_acc)
+candidates = {"best single (by val)": soup_states[best_single],
+              "uniform soup": weighted_average(soup_states, [1.0] * len(soup_states)),
+              "greedy soup": greedy_state}
+soup_table = {name: {k: digits_eval(sd, X, y)["acc"] for k, (X, y) in eval_sets.items()}
+              for name, sd in candidates.items()}
+mean_ingredient = {k: float(np.mean([digits_eval(sd, X, y)["acc"] for sd in soup_states]))
+                   for k, (X, y) in eval_sets.items()}
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+print(f"{'':22s}" + "".join(f"{k:>13s}" for k in eval_sets))
+for name, accs in list(soup_table.items()) + [("mean ingredient", mean_ingredient)]:
+    print(f"{name:22s}" + "".join(f"{accs[k]:13.4f}" for k in eval_sets))
+print("greedy soup ingredients:", chosen, f"({len(chosen)} of {len(soup_states)} fine-tunes)")
+record("soups: accuracy by evaluation set", soup_table)
+record("soups: mean ingredient accuracy", mean_ingredient)
+best, uniform, greedy = soup_table.values()
+claim("the greedy soup is at least as good as the best single model on the data used for selection",
+      greedy["val"] >= best["val"], detail=f"val {greedy['val']:.4f} vs {best['val']:.4f}")
+claim("the uniform soup is more robust under distribution shift than the best single model",
+      uniform["test+noise"] > best["test+noise"] and uniform["test+rotate"] > best["test+rotate"],
+      detail=f"noise {uniform['test+noise']:.4f} vs {best['test+noise']:.4f}, "
+             f"rotate {uniform['test+rotate']:.4f} vs {best['test+rotate']:.4f}")
+
+# %% [markdown]
+# Read the table honestly. The greedy soup is built to beat the best single model **on the
+# validation set**, and it cannot do worse there (it starts from that model). Whether the uniform
+# soup is more robust under shift than the best single model depends on the ingredients: some of
+# these fine-tunes were trained without noise augmentation and can drag the average down on noisy
+# inputs, while the model picked on validation may have been trained with it. Compare the uniform
+# soup with the **mean ingredient** row too. Wortsman et al. report the robustness gain for
+# fine-tunes of a large pre-trained model (CLIP) whose ingredients all share its robust features;
+# eight small MLPs are a much weaker setting.
+#
+# ### Averaging vs ensembling
+#
+# For many subsets of the fine-tunes, compare the **averaged model** (one model's cost) with the
+# **ensemble** of the same members (mean of their probabilities, $k$ models' cost). Add pairs of the
+# independently trained `digits/mlp-s*`, where averaging is not expected to work.
+
+# %%
+max_size = by_mode(smoke=2, full=4)
+subsets = [c for r in range(2, max_size + 1) for c in itertools.combinations(range(8), r)]
+probs = {k: [predict_logits(m, X).softmax(-1) for m in soup_models] for k, (X, _) in eval_sets.items() if k != "val"}
+
+def avg_vs_ens(members, member_probs, X, y):
+    averaged = (predict_logits(merge.load_merged(mlp_a, weighted_average([m.state_dict() for m in members],
+                                                                         [1.0] * len(members))), X)
+                .argmax(-1) == y).float().mean().item()
+    ensembled = (sum(member_probs).argmax(-1) == y).float().mean().item()
+    return averaged, ensembled
+
+points = {k: [] for k in probs}
+for subset in subsets:
+    for k, (X, y) in eval_sets.items():
+        if k != "val":
+            points[k].append(avg_vs_ens([soup_models[i] for i in subset], [probs[k][i] for i in subset], X, y))
+independent = [zoo.load(f"digits/mlp-s{i}", device="cpu") for i in range(5)]
+indep_points = [avg_vs_ens([independent[i], independent[j]],
+                           [predict_logits(independent[i], X_test).softmax(-1),
+                            predict_logits(independent[j], X_test).softmax(-1)], X_test, y_test)
+                for i, j in itertools.combinations(range(5), 2)]
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+fig, ax = plt.subplots(figsize=(5.2, 4.6))
+for k, pts in points.items():
+    a, e = np.array(pts).T
+    ax.scatter(e, a, s=14, alpha=0.7, label=f"soup fine-tunes, {k}")
+a, e = np.array(indep_points).T
+ax.scatter(e, a, s=30, marker="x", color="k", label="independent seeds, test")
+lo = min(min(min(p) for p in pts) for pts in points.values())
+ax.plot([lo, 1], [lo, 1], "k--", lw=0.8)
+ax.set_xlabel("ensemble accuracy"), ax.set_ylabel("averaged-model accuracy")
+ax.legend(fontsize=7)
+ax.set_title("Averaging vs ensembling the same members")
+plt.tight_layout()
+plt.show()
+
+print(len(subsets), "subsets of fine-tunes,", len(indep_points), "pairs of independent models")
+every = np.array([p for pts in points.values() for p in pts])
+corr_all = np.corrcoef(every[:, 0], every[:, 1])[0, 1]
+corr_test = np.corrcoef(*np.array(points["test"]).T)[0, 1]
+wins = {k: float(np.mean([a > e for a, e in pts])) for k, pts in points.items()}
+indep_gap = float(np.mean([e - a for a, e in indep_points]))
+print(f"correlation over all points {corr_all:.3f}, within the test set only {corr_test:.3f}")
+print("fraction of subsets where the averaged model beats the ensemble:", {k: round(v, 3) for k, v in wins.items()})
+print(f"independent seeds: the ensemble beats the average by {indep_gap:.3f} on average")
+record("avg vs ens: correlation (all points, test only)", [corr_all, corr_test])
+record("avg vs ens: fraction where averaging wins", wins)
+record("independent pairs: ensemble minus average accuracy", indep_gap)
+claim("averaged-model accuracy is strongly correlated with ensemble accuracy", corr_all > 0.9,
+      detail=f"r = {corr_all:.3f} over all evaluation sets, {corr_test:.3f} within the test set")
+claim("the averaged model rarely beats the ensemble of the same members", max(wins.values()) < 0.25,
+      detail=str({k: round(v, 3) for k, v in wins.items()}))
+claim("averaging hurts where ensembling does not (independent initialisations)", indep_gap > 0.01,
+      detail=f"mean gap {indep_gap:.3f}")
+
+
+# %% [markdown]
+# The strong correlation over all points mostly reflects how hard each evaluation set is; within
+# the test set alone it is weaker, because all these models score within a few examples of each
+# other. In distribution the ensemble usually wins, as Wortsman et al. found. Under shift, on these
+# small models, the averaged model often beats the ensemble: the claim "almost never better" does
+# not hold everywhere here. Independently initialised models show the other side: ensembling them
+# helps while averaging them hurts.
+#
+# ## 4. Task vectors on language models
+#
+# Ilharco et al. (2023) define a **task vector** as the difference between a fine-tuned model and
+# its base, $\tau = \theta_{ft} - \theta_{base}$, and treat task vectors as values: **add** them to
+# get several skills at once, **negate** one to remove a behaviour, **scale** them with
+# $\lambda$: $\theta = \theta_{base} + \sum_i \lambda_i \tau_i$.
+#
+# The zoo's `lm/base` (a tiny Llama trained on copy, reverse, count and chat) has two fine-tunes
+# that each learned one new skill: `lm/ft-add` (addition) and `lm/ft-sort` (sorting digits), and
+# `lm/chat-darn`, fine-tuned on chat sentences that all contain the unwanted word "darn".
+#
+# ### Exercise 3: task arithmetic (2 points)
+#
+# Return $\theta_{base} + \sum_i s_i(\theta_i - \theta_{base})$ for every tensor (float32 arithmetic,
+# the base's dtype). Raise `ValueError` when the numbers of fine-tunes and scales differ or a
+# fine-tune holds other tensors than the base.
+
+# %% tags=["solution"]
+def task_arithmetic(base, finetuned, scales):
+    """theta_base + sum_i s_i (theta_i - theta_base) on state dicts."""
+    ### BEGIN SOLUTION
+    if len(finetuned) != len(scales):
+        raise ValueError(f"{len(finetuned)} fine-tunes but {len(scales)} scales")
+    if any(set(ft) != set(base) for ft in finetuned):
+        raise ValueError("a fine-tune holds other tensors than the base")
+    out = {}
+    for k, b in base.items():
+        tau = sum(float(s) * (ft[k].float() - b.float()) for s, ft in zip(scales, finetuned))
+        out[k] = (b.float() + tau).to(b.dtype)
+    return out
+    ### END SOLUTION
+
+
+# %% tags=["tests"]
+check("merge.task_arithmetic", task_arithmetic)
+
+# %% [markdown]
+# To score many merged models quickly we measure exact match by **teacher forcing**: one forward
+# pass over prompt + reference answer, and an example counts as correct when every answer token
+# (and the end-of-sequence token) is the model's top prediction. That is exactly when greedy
+# decoding would produce the reference, which the next cell checks against `exact_match`.
+
+# %%
+lm_base = zoo.load("lm/base", device=device)
+lms = {name: zoo.load(name, device=device) for name in ("lm/ft-add", "lm/ft-sort", "lm/chat-darn")}
+state = lambda m: {k: v.detach() for k, v in m.state_dict().items()}  # noqa: E731
+base_sd = state(lm_base)
+N = by_mode(smoke=80, full=500)
+TASKS = ["add", "sort", "copy", "rev", "count"]
+lm_eval = {t: make_task_dataset([t], N, seed=1, split="test") for t in TASKS}
+
+@torch.no_grad()
+def skill(model, data):
+    """Exact match under teacher forcing (= greedy decoding's exact match), one forward pass."""
+    batch = {k: v.to(device) for k, v in encode_for_training(data["prompt"], data["answer"]).items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    pred, labels = logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
+    correct = ((pred == labels) | (labels == -100)).all(-1)
+    return correct.sum().item() / correct.numel()
+
+def lm_with(sd):
+    return merge.load_merged(lm_base, sd)
+
+def skills(model_or_state):
+    model = lm_with(model_or_state) if isinstance(model_or_state, dict) else model_or_state
+    return {t: skill(model, d) for t, d in lm_eval.items()}
+
+small = make_task_dataset(["add", "copy"], 40, seed=5, split="test")
+# equal on the CPU; on a GPU the two code paths may round differently, so allow one example
+print("teacher-forced skill equals greedy exact match:",
+      abs(skill(lms["lm/ft-add"], small) - exact_match(lms["lm/ft-add"], small)) <= 1 / len(small))
+
+# %%
+tau_add = merge.TaskVector.between(lm_base, lms["lm/ft-add"])
+tau_sort = merge.TaskVector.between(lm_base, lms["lm/ft-sort"])
+multi_sd = task_arithmetic(base_sd, [state(lms["lm/ft-add"]), state(lms["lm/ft-sort"])], [1.0, 1.0])
+same = all(torch.allclose(multi_sd[k], v, atol=1e-6) for k, v in (tau_add + tau_sort).apply_to(lm_base).items())
+print("task_arithmetic agrees with labkit's TaskVector:", same)
+forget_sort_sd = (tau_add + tau_sort - tau_sort).apply_to(lm_base)
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+table = {"lm/base": skills(lm_base), "lm/ft-add": skills(lms["lm/ft-add"]), "lm/ft-sort": skills(lms["lm/ft-sort"]),
+         "base + tau_add + tau_sort": skills(multi_sd),
+         "(base + tau_add + tau_sort) - tau_sort": skills(forget_sort_sd)}
+print(f"{'':40s}" + "".join(f"{t:>8s}" for t in TASKS))
+for name, row in table.items():
+    print(f"{name:40s}" + "".join(f"{row[t]:8.3f}" for t in TASKS))
+record("task vectors: exact match by task", table)
+control = lambda row: np.mean([row[t] for t in ("copy", "rev", "count")])  # noqa: E731
+m, f_add, f_sort = table["base + tau_add + tau_sort"], table["lm/ft-add"], table["lm/ft-sort"]
+claim("adding two task vectors gives both skills (each at least half the specialist's exact match)",
+      m["add"] >= 0.5 * f_add["add"] and m["sort"] >= 0.5 * f_sort["sort"],
+      detail=f"add {m['add']:.3f} vs {f_add['add']:.3f}, sort {m['sort']:.3f} vs {f_sort['sort']:.3f}")
+
+# %% [markdown]
+# Read the fine-tunes' rows first. `lm/ft-add` and `lm/ft-sort` were fine-tuned on their new task
+# only; where their copy/rev/count columns are near 0 they **forgot** the base's skills while
+# learning the new one (catastrophic forgetting). Their task vectors then say "forget the rest" as
+# much as "learn the new task", and nothing guarantees that two of them add up to a model with both
+# skills. The task-vector papers fine-tune large pre-trained models gently, so that fine-tuning
+# keeps the base's abilities and moves the weights only a little. Whatever the table shows here is
+# what the claim records.
+#
+# Subtracting $\tau_{sort}$ from the multi-task model is, algebraically, just $\theta_{base} +
+# \tau_{add}$. Negation becomes interesting for a behaviour the **base already has**. `lm/base` was
+# trained on chat sentences of which a quarter contain "darn"; `lm/chat-darn` was fine-tuned on
+# sentences that all do. Its task vector points toward "say darn"; **subtracting** it should make the
+# base say it less while keeping its other skills (the "forgetting by negation" of Ilharco et al.).
+# We sample chat sentences (prompt `t:`) and count how many contain the word.
+
+# %%
+tau_darn = merge.TaskVector.between(lm_base, lms["lm/chat-darn"])
+n_chat = by_mode(smoke=150, full=1000)
+
+def darn_rate(model):
+    texts = generate_answers(model, ["t:"] * n_chat, max_new_tokens=40, do_sample=True, seed=0)
+    return unwanted_rate(texts)
+
+negation = {}
+for lam in (0.0, 0.25, 0.5, 1.0):
+    model = lm_with(tau_darn.apply_to(lm_base, scale=-lam))
+    negation[lam] = {"darn rate": darn_rate(model), "control": control(skills(model))}
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+for lam, row in negation.items():
+    print(f"base - {lam:.2f} tau_darn: 'darn' in {row['darn rate']:.3f} of sampled sentences, "
+          f"copy/rev/count exact match {row['control']:.3f}")
+record("negation of tau_darn", negation)
+# as in Ilharco et al., lambda is a knob: is there one that removes the behaviour and keeps the rest?
+ok = [lam for lam, row in negation.items() if lam > 0 and row["darn rate"] <= 0.5 * negation[0.0]["darn rate"]
+      and row["control"] >= negation[0.0]["control"] - 0.05]
+claim("negating a task vector removes that behaviour while keeping the other skills",
+      bool(ok), detail=f"lambdas that halve the rate and keep copy/rev/count within 0.05: {ok}; {negation}")
+
+# %% [markdown]
+# ### How far to go: $\lambda$
+#
+# Scale the sum of the two skill vectors, $\theta_{base} + \lambda(\tau_{add} + \tau_{sort})$.
+# $\lambda = 0$ is the base, $\lambda = 1$ the plain sum; beyond 1 we *extrapolate*, which is not
+# guaranteed to help.
+
+# %%
+lambdas = by_mode(smoke=[0.0, 0.5, 1.0, 1.5], full=[0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5])
+sweep = [skills((tau_add + tau_sort).apply_to(lm_base, scale=lam)) for lam in lambdas]
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+fig, ax = plt.subplots(figsize=(6, 3.4))
+for t in ("add", "sort"):
+    ax.plot(lambdas, [r[t] for r in sweep], marker="o", label=t)
+ax.plot(lambdas, [control(r) for r in sweep], marker="o", label="copy/rev/count (mean)")
+ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+ax.set_xlabel(r"$\lambda$"), ax.set_ylabel("exact match")
+ax.set_title(r"$\theta_{base} + \lambda(\tau_{add} + \tau_{sort})$")
+ax.legend()
+plt.tight_layout()
+plt.show()
+record("lambda sweep (add, sort, control)", {lam: r for lam, r in zip(lambdas, sweep)})
+
+# %% [markdown]
+# ### Diagnostics: how much do task vectors interfere?
+#
+# Two task vectors interfere when they push the same parameters in different directions. The
+# cosine similarity between whole task vectors is usually close to 0 (high-dimensional vectors are
+# nearly orthogonal); the **sign-conflict rate** per tensor (the fraction of entries where one pushes
+# up and the other down) is what TIES acts on.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+tvs = {"add": tau_add, "sort": tau_sort, "darn": tau_darn}
+print("cosine similarity of task vectors\n", {f"{a}/{b}": round(merge.cosine_matrix([tvs[a], tvs[b]])[0, 1].item(), 3)
+                                             for a, b in itertools.combinations(tvs, 2)})
+conflicts = merge.sign_conflict_rate([tau_add, tau_sort])
+conflicts_trimmed = merge.sign_conflict_rate([tau_add, tau_sort], density=0.2)
+print(f"sign conflicts add vs sort: {np.mean(list(conflicts.values())):.3f} of all entries, "
+      f"{np.mean(list(conflicts_trimmed.values())):.3f} after trimming each to its top 20%")
+print(f"L1 mass removed by trimming tau_add to 20% of its entries: {merge.trimmed_mass(tau_add, 0.2):.3f}")
+record("sign conflict rate (all, trimmed to 20%)", [np.mean(list(conflicts.values())),
+                                                    np.mean(list(conflicts_trimmed.values()))])
+
+# %% [markdown]
+# ### Where task vectors do work: fine-tunes that stay close to their base
+#
+# Task arithmetic assumes that a fine-tune stays in its base's neighbourhood, where the effects of
+# parameter changes add up roughly linearly. Large pre-trained models fine-tuned gently are like that.
+# Our language-model fine-tunes are not: a few hundred steps on one task moved them so far that even
+# half a task vector loses the skill. The digit classifiers are a friendlier case:
+# `digits/task-rotate`, `digits/task-thicken` and `digits/task-noise` are the soup's base
+# (`digits/soup-base`) fine-tuned for 400 small steps on rotated, thick-stroked or noisy training
+# digits only. Each domain plays the part of a task. As before, $\lambda$ is chosen on *validation*
+# digits (shifted the same way) and the table reports *test* accuracy.
+
+# %%
+from labkit.data import shift_digits
+from labkit.train import accuracy
+
+digits = load_digits()
+domains = ["rotate", "thicken", "noise"]
+shifted = {k: {"val": shift_digits(digits.X_val, k, seed=1), "test": shift_digits(digits.X_test, k, seed=0)}
+           for k in domains}
+d_base = zoo.load("digits/soup-base", device=device)
+d_ft = {k: zoo.load(f"digits/task-{k}", device=device) for k in domains}
+d_tau = {k: merge.TaskVector.between(d_base, m) for k, m in d_ft.items()}
+d_probe = copy.deepcopy(d_base)
+
+
+def domain_accuracy(state, split="test"):
+    """Accuracy of a digits state dict on clean digits and on each shifted domain."""
+    d_probe.load_state_dict(state)
+    X, y = (digits.X_val, digits.y_val) if split == "val" else (digits.X_test, digits.y_test)
+    return {"clean": accuracy(d_probe, X, y), **{k: accuracy(d_probe, shifted[k][split], y) for k in domains}}
+
+
+def best_on_validation(states, on):
+    """The key of the state with the best mean validation accuracy over the domains ``on``."""
+    return max(states, key=lambda key: np.mean([domain_accuracy(states[key], "val")[k] for k in on]))
+
+
+digit_rows = {"base": domain_accuracy(d_base.state_dict())}
+digit_rows.update({f"fine-tuned on {k}": domain_accuracy(m.state_dict()) for k, m in d_ft.items()})
+print("what each fine-tune adds over the base (test accuracy, + means better):")
+for k in domains:
+    print(f"  {k:8s}: {'+' if digit_rows[f'fine-tuned on {k}'][k] > digit_rows['base'][k] else '-'}")
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+skills_added = [k for k in domains if digit_rows[f"fine-tuned on {k}"][k] > digit_rows["base"][k] + 0.05]
+lambdas_d = [0.2, 0.4, 0.6, 0.8, 1.0]
+tau_skills = sum((d_tau[k] for k in skills_added), start=0 * d_tau[domains[0]])
+ta_states = {lam: tau_skills.apply_to(d_base, scale=lam) for lam in lambdas_d}
+lam_ta = best_on_validation(ta_states, skills_added)
+digit_rows[f"base + {lam_ta} x sum of tau ({', '.join(skills_added)})"] = domain_accuracy(ta_states[lam_ta])
+neg_lam = 0.5
+digit_rows[f"base - {neg_lam} x tau_rotate"] = domain_accuracy(d_tau["rotate"].apply_to(d_base, scale=-neg_lam))
+print(f"fine-tunes that add a skill (> 0.05 over the base on their domain): {skills_added}")
+print(f"{'model':48s} " + " ".join(f"{c:>8s}" for c in ["clean", *domains]))
+for name, r in digit_rows.items():
+    print(f"{name:48s} " + " ".join(f"{r[c]:8.3f}" for c in ["clean", *domains]))
+record("digits task vectors (test accuracy)", digit_rows)
+
+merged = digit_rows[f"base + {lam_ta} x sum of tau ({', '.join(skills_added)})"]
+claim("task vectors on digits: adding them gives a model better than the base on every added skill",
+      len(skills_added) >= 2 and all(merged[k] > digit_rows["base"][k] for k in skills_added),
+      detail=f"skills {skills_added}, lambda {lam_ta}: " +
+      ", ".join(f"{k} {digit_rows['base'][k]:.3f} -> {merged[k]:.3f}" for k in skills_added))
+negated = digit_rows[f"base - {neg_lam} x tau_rotate"]
+kept = [k for k in ["clean", "thicken", "noise"] if negated[k] >= digit_rows["base"][k] - 0.05]
+claim("task vectors on digits: negating tau_rotate removes that skill and keeps the others",
+      negated["rotate"] < digit_rows["base"]["rotate"] - 0.1 and len(kept) == 3,
+      detail=f"rotate {digit_rows['base']['rotate']:.3f} -> {negated['rotate']:.3f}; "
+      f"kept within 0.05: {kept}")
+
+# %% [markdown]
+# With three domains the fine-tunes also *interfere*: thick strokes and rotation pull shared weights
+# in different directions, and the noise fine-tune adds little. That is the setting TIES was designed
+# for. Each method gets its $\lambda$ (or its weight, for the plain average) chosen on validation.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+three = list(d_ft.values())
+candidates = {
+    "linear (average of fine-tunes)": {1.0: merge.merge("linear", three, weight=1.0)},
+    "task arithmetic": {lam: sum(d_tau.values(), start=0 * d_tau["rotate"]).apply_to(d_base, scale=lam)
+                        for lam in lambdas_d},
+    "TIES (density 0.2)": {lam: merge.merge("ties", three, base=d_base, weight=1.0, density=0.2, **{"lambda": lam})
+                           for lam in [0.5, 1.0, 1.5, 2.0]},
+}
+multi = {}
+for name, states in candidates.items():
+    lam = best_on_validation(states, domains)
+    acc = domain_accuracy(states[lam])
+    multi[name] = {"lambda": lam, **acc, "mean over domains": float(np.mean([acc[k] for k in domains]))}
+    print(f"{name:32s} lambda {lam:<4} clean {acc['clean']:.3f}  mean over the three domains "
+          f"{multi[name]['mean over domains']:.3f}")
+record("digits multi-domain merge (test)", multi)
+ties_mean = multi["TIES (density 0.2)"]["mean over domains"]
+claim("TIES beats task arithmetic and linear averaging on a multi-task merge with interference (digits)",
+      ties_mean > max(multi["task arithmetic"]["mean over domains"],
+                      multi["linear (average of fine-tunes)"]["mean over domains"]),
+      detail=", ".join(f"{k}: {v['mean over domains']:.3f}" for k, v in multi.items()))
+
+
+# %% [markdown]
+# ## 5. TIES, DARE and SLERP
+#
+# **TIES-merging** (Yadav et al. 2023) resolves interference in three steps, per parameter:
+#
+# 1. **trim**: keep each task vector's largest-magnitude fraction `density` (e.g. 20%), zero the rest;
+# 2. **elect** a sign: $\gamma = \mathrm{sign}(\sum_i \hat\tau_i)$, the direction with more total mass;
+# 3. **disjoint mean**: average only the trimmed deltas that agree with $\gamma$ (zeros do not count),
+#    then $\theta = \theta_{base} + \lambda\,\tau_{merged}$.
+#
+# mergekit trims each tensor separately; the paper's code trims over the whole model.
+# `labkit.merge.merge("ties", ..., trim_scope="model")` offers both (per tensor by default).
+#
+# ### Exercise 4: trim, elect, disjoint mean (1 point each)
+#
+# `ties_trim(delta, density)`: keep the `max(1, int(density * numel))` largest-magnitude entries
+# (`ValueError` unless 0 < density <= 1). `ties_elect(deltas)`: `deltas` is `[M, ...]`; return the
+# sign of the sum over models, +1 where the sum is 0, in `deltas`' dtype. `ties_disjoint_mean(deltas,
+# sign)`: per entry, the mean of the deltas whose sign equals `sign`, 0 where none does.
+
+# %% tags=["solution"]
+def ties_trim(delta, density):
+    """Keep the max(1, int(density * numel)) largest-magnitude entries of delta, zero the rest."""
+    ### BEGIN SOLUTION
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    k = max(1, int(density * delta.numel()))
+    flat = delta.reshape(-1)
+    keep = flat.abs().topk(k).indices
+    out = torch.zeros_like(flat)
+    out[keep] = flat[keep]
+    return out.view_as(delta)
+    ### END SOLUTION
+
+
+# %% tags=["tests"]
+check("merge.ties_trim", ties_trim)
+
+
+# %% tags=["solution"]
+def ties_elect(deltas):
+    """deltas [M, ...] -> the sign of sum_i deltas_i, +1 where the sum is 0."""
+    ### BEGIN SOLUTION
+    return torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
+    ### END SOLUTION
+
+
+# %% tags=["tests"]
+check("merge.ties_elect", ties_elect)
+
+
+# %% tags=["solution"]
+def ties_disjoint_mean(deltas, sign):
+    """deltas [M, ...], sign [...] -> mean of the deltas agreeing with sign (0 where none)."""
+    ### BEGIN SOLUTION
+    agree = (deltas.sign() == sign).to(deltas.dtype)
+    return (deltas * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+    ### END SOLUTION
+
+
+# %% tags=["tests"]
+check("merge.ties_disjoint_mean", ties_disjoint_mean)
+
+
+# %% [markdown]
+# Put the three steps together and check them against `labkit.merge.ties`, which follows mergekit's
+# `ties` method tensor for tensor (weights 1, `normalize: true`):
+
+# %%
+def ties_merge(base, tensors, density, lam=1.0):
+    deltas = torch.stack([ties_trim(t - base, density) for t in tensors])
+    return base + lam * ties_disjoint_mean(deltas, ties_elect(deltas))
+
+g = torch.Generator().manual_seed(0)
+base_t = torch.randn(64, 32, generator=g)
+tuned = [base_t + torch.randn(64, 32, generator=g) for _ in range(3)]
+print("your TIES equals labkit.merge.ties:",
+      torch.allclose(ties_merge(base_t, tuned, 0.2, 0.8),
+                     merge.ties(base_t, tuned, [1, 1, 1], density=0.2, lambda_=0.8), atol=1e-6))
+
+# %% [markdown]
+# ### TIES vs task arithmetic vs linear on a two-skill merge
+#
+# Merge `lm/ft-add` and `lm/ft-sort` three ways with the methods' usual defaults (no tuning on the
+# test data): **linear** (the average of the two fine-tunes, $\theta_{base} + \frac12\sum\tau_i$),
+# **task arithmetic** ($\lambda = 1$: the sum), and **TIES** (density 0.2, $\lambda = 1$). The
+# score is the mean exact match over the two new skills and the three old ones.
+
+# %%
+fts = [state(lms["lm/ft-add"]), state(lms["lm/ft-sort"])]
+merges = {
+    "linear (average of fine-tunes)": merge.merge("linear", fts, weight=[0.5, 0.5]),
+    "task arithmetic (lambda 1)": merge.merge("task_arithmetic", fts, base_sd, weight=1.0),
+    "TIES (density 0.2, lambda 1)": merge.merge("ties", fts, base_sd, weight=1.0, density=0.2),
+    "TIES, trimmed over the whole model": merge.merge("ties", fts, base_sd, weight=1.0, density=0.2,
+                                                      trim_scope="model"),
+}
+merge_table = {name: skills(sd) for name, sd in merges.items()}
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+print(f"{'':36s}" + "".join(f"{t:>8s}" for t in TASKS) + "    mean")
+for name, row in merge_table.items():
+    print(f"{name:36s}" + "".join(f"{row[t]:8.3f}" for t in TASKS) + f"{np.mean(list(row.values())):8.3f}")
+record("TIES vs task arithmetic vs linear", merge_table)
+score = {name: float(np.mean(list(row.values()))) for name, row in merge_table.items()}
+claim("TIES beats plain averaging and task arithmetic on a multi-task merge",
+      score["TIES (density 0.2, lambda 1)"] > max(score["linear (average of fine-tunes)"],
+                                                  score["task arithmetic (lambda 1)"]),
+      detail=str({k: round(v, 3) for k, v in score.items()}))
+
+# %% [markdown]
+# Note what each method does to the **size** of the update: linear halves both task vectors (each
+# skill gets half its vector), task arithmetic keeps both at full size, TIES keeps 20% of the entries
+# and averages only where they overlap. Task arithmetic was observed on models with hundreds of
+# millions of parameters, fine-tuned gently, where a fine-tune moves the weights a little and the
+# effects of small moves add up almost linearly. Our language models have half a million
+# parameters and learned each new skill with a large move; whether two such moves still add up is
+# exactly what the tables above measure. The TIES paper's comparisons merge up to eleven fine-tunes
+# of much larger models.
+#
+# ### DARE: drop and rescale
+#
+# DARE (Yu et al. 2023) drops each entry of a task vector with probability $p$ and rescales the rest
+# so the update keeps its size: by $1/(1-p)$ in the paper, by matching the L1 norm in mergekit
+# (labkit offers both; mergekit's is the default). The claim is that fine-tuning deltas are so
+# redundant that most of them can be dropped.
+
+# %%
+drop_rates = by_mode(smoke=[0.0, 0.5, 0.9], full=[0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95])
+dare = {mode: [skills(merge.merge("dare_linear", fts, base_sd, weight=1.0, density=1 - p, seed=0, rescale_norm=mode))
+               for p in drop_rates] for mode in ("l1", "density")}
+no_rescale = [skills(merge.merge("dare_linear", fts, base_sd, weight=1.0, density=1 - p, seed=0, rescale=False))
+              for p in drop_rates]
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+fig, ax = plt.subplots(figsize=(6, 3.4))
+mean_new = lambda r: (r["add"] + r["sort"]) / 2  # noqa: E731
+ax.plot(drop_rates, [mean_new(r) for r in dare["l1"]], marker="o", label="rescale: match L1 norm (mergekit)")
+ax.plot(drop_rates, [mean_new(r) for r in dare["density"]], marker="s", label="rescale: 1/(1-p) (paper)")
+ax.plot(drop_rates, [mean_new(r) for r in no_rescale], marker="^", label="no rescaling")
+ax.set_xlabel("drop rate p"), ax.set_ylabel("exact match, add and sort (mean)")
+ax.set_title("DARE on the two-skill merge")
+ax.legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+record("DARE: mean add/sort exact match by drop rate", {m: [mean_new(r) for r in rows] for m, rows in
+                                                        {**dare, "none": no_rescale}.items()})
+
+# %% [markdown]
+# ### SLERP
+#
+# SLERP interpolates along the arc between two parameter vectors instead of the chord, which keeps
+# the norm from shrinking in the middle when the two are far apart: with $\cos\Omega$ the cosine of
+# the two tensors, $\theta(t) = \frac{\sin((1-t)\Omega)}{\sin\Omega}\theta_0 +
+# \frac{\sin(t\Omega)}{\sin\Omega}\theta_1$, per tensor, falling back to linear interpolation when the
+# two are nearly colinear. mergekit's `slerp` takes exactly two models; $t = 0$ is the base model.
+# SLERP departs from linear interpolation only where the two tensors point in different
+# directions; the printed difference says how far apart the two paths are here.
+
+# %%
+ts = by_mode(smoke=[0.0, 0.5, 1.0], full=[0.0, 0.25, 0.5, 0.75, 1.0])
+ft_add_sd, ft_sort_sd = fts
+slerp_path = [skills(merge.merge("slerp", [ft_sort_sd], ft_add_sd, t=t)) for t in ts]
+lerp_path = [skills(merge.interpolate(ft_add_sd, ft_sort_sd, t)) for t in ts]
+slerp_mid = merge.merge("slerp", [ft_sort_sd], ft_add_sd, t=0.5)
+lerp_mid = merge.interpolate(ft_add_sd, ft_sort_sd, 0.5)
+max_gap = max((slerp_mid[k] - lerp_mid[k]).abs().max().item() for k in ft_add_sd)
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+fig, ax = plt.subplots(figsize=(6, 3.4))
+for t_name, ls in (("add", "-"), ("sort", "--")):
+    ax.plot(ts, [r[t_name] for r in slerp_path], ls=ls, marker="o", color="C0", label=f"SLERP, {t_name}")
+    ax.plot(ts, [r[t_name] for r in lerp_path], ls=ls, marker="x", color="C1", label=f"linear, {t_name}")
+ax.set_xlabel("t (0 = lm/ft-add, 1 = lm/ft-sort)"), ax.set_ylabel("exact match")
+ax.legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+print(f"largest parameter difference between SLERP and linear at t = 0.5: {max_gap:.2e}")
+record("SLERP vs linear path", {"slerp": slerp_path, "linear": lerp_path})
+
+# %% [markdown]
+# ## 6. The same merge from a mergekit YAML file
+#
+# Practitioners describe merges in mergekit's YAML format and run them on checkpoints on disk.
+# `labkit merge CONFIG.yml OUT_DIR` reads the same format (for the methods above), streams the
+# checkpoints tensor by tensor, and gives the same tensors as mergekit for the same config. Write
+# the TIES merge of section 5 as a config, run the command, and load the result with transformers:
+
+# %%
+config = {
+    "merge_method": "ties",
+    "base_model": str(zoo.path("lm/base")),
+    "models": [{"model": str(zoo.path("lm/ft-add")), "parameters": {"weight": 1.0, "density": 0.2}},
+               {"model": str(zoo.path("lm/ft-sort")), "parameters": {"weight": 1.0, "density": 0.2}}],
+    "parameters": {"normalize": True, "lambda": 1.0},
+    "dtype": "float32",
+}
+workdir = Path(tempfile.mkdtemp(prefix="labkit-merge-"))
+(workdir / "ties.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+print((workdir / "ties.yml").read_text().replace(str(zoo.zoo_root()), "<zoo>"))
+result = subprocess.run([sys.executable, "-m", "labkit.cli", "merge", str(workdir / "ties.yml"), str(workdir / "out")],
+                        capture_output=True, text=True)
+print("labkit merge exit code:", result.returncode)
+
+# %%
+from transformers import AutoModelForCausalLM
+
+from_yaml = AutoModelForCausalLM.from_pretrained(workdir / "out", dtype=torch.float32).to(device).eval()
+in_memory = merges["TIES (density 0.2, lambda 1)"]
+identical = all(torch.equal(v.cpu(), in_memory[k].cpu()) for k, v in from_yaml.state_dict().items())
+print("the YAML merge equals labkit.merge.merge('ties', ...):", identical)
+print("files written:", sorted(p.name for p in (workdir / "out").iterdir()))
+claim("labkit merge reproduces the in-memory TIES merge from a mergekit YAML config", identical)
+
+# %% [markdown]
+# ## Summary
+#
+# * Averaging parameters needs models that share an initialisation; independent networks differ by
+#   a permutation of their hidden units, and weight matching can undo it for MLPs.
+# * Averaging checkpoints of one run and souping fine-tunes of one base are cheap ways to get a
+#   better single model; the greedy soup never loses on the data it was selected with.
+# * Averaging tracks ensembling closely at a fraction of the inference cost, but it is not a free
+#   ensemble, and outside a shared initialisation it breaks where ensembling does not.
+# * Task vectors turn fine-tunes into values: add skills, subtract behaviours, scale them. They
+#   need fine-tunes that stay near their base: on the digit classifiers adding and negating them
+#   worked; on our tiny language models, whose fine-tunes moved far, they did not (see the claims
+#   above, and `labkit labs`' report for this run's numbers).
+# * TIES, DARE and SLERP are refinements of the same idea; on our small merges TIES did not beat the
+#   simpler methods, which is worth knowing before trusting a leaderboard recipe. mergekit's YAML is
+#   how practitioners run them, and `labkit merge` reads it.
