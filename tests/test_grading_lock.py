@@ -13,7 +13,8 @@ LOCKED = ["labkit.ensemble.linear_interpolate", "labkit.ensemble.combine"]
 @pytest.mark.parametrize("cells", [
     ["from labkit.ensemble import linear_interpolate"],
     ["from labkit.ensemble import linear_interpolate as li", "linear_interpolate = li"],
-    ["import labkit.ensemble as E", "def linear_interpolate(logits, weights):\n    return E.linear_interpolate(logits, weights)"],
+    ["import labkit.ensemble as E",
+     "def linear_interpolate(logits, weights):\n    return E.linear_interpolate(logits, weights)"],
     ["from labkit import ensemble", "def linear_interpolate(l, w):\n    return ensemble.combine(l, w, 'linear')"],
     ["import labkit", "def linear_interpolate(l, w):\n    return labkit.ensemble.linear_interpolate(l, w)"],
     ["from labkit import ensemble as ens",

@@ -172,7 +172,8 @@ def _soup_uniform_average(f):
     # own scores: 1.0, 1.2 (-.2), 1.3 (-.3), 0.7 (-.3, later index): 1.0; +1.2 -> 1.1 worse than 1.0
     expect_equal(list(chosen), [0], "chosen indices")
     soup, chosen = f(scalar_models(0.6, 1.2, 1.6, 0.7), closeness(1.0))
-    # own: 1.2 (-.2), 0.7 (-.3), 0.6 (-.4), 1.6 (-.6); 1.2 -> +0.7 = 0.95 keep -> +0.6 = .833 worse -> +1.6 = 1.1667 worse
+    # own: 1.2 (-.2), 0.7 (-.3), 0.6 (-.4), 1.6 (-.6); 1.2 -> +0.7 = 0.95 keep -> +0.6 = .833 worse
+    # -> +1.6 = 1.1667 worse
     expect_equal(list(chosen), [1, 3], "chosen indices")
     expect_close(soup["w"], _t(0.95), "the soup's weight (a uniform average of the chosen models)")
 

@@ -78,7 +78,8 @@ class Outcome:
             raise student_exception(self.type_name, self.message, self.where)
         if self.kind == "missing":
             raise _Missing()
-        raise _Lost(self.message or "no result came back", status=self.kind if self.kind in ("timeout", "dead") else "error")
+        status = self.kind if self.kind in ("timeout", "dead") else "error"
+        raise _Lost(self.message or "no result came back", status=status)
 
 
 def _fingerprint(tree, tensors: dict) -> str:
@@ -189,7 +190,8 @@ def judge_question(q: Question, send, hidden: bool = True, static_lock: list | N
                 pending[i] = out.pending
         if not pending:
             break
-        calls = [(f"c{i}r{len(answered[i])}", tree, tensors, is_grad) for i, (tree, tensors, _, is_grad) in pending.items()]
+        calls = [(f"c{i}r{len(answered[i])}", tree, tensors, is_grad)
+                 for i, (tree, tensors, _, is_grad) in pending.items()]
         outcomes, seen = send(q, calls)
         runtime_locked |= {n for n in seen if n in q.implemented_by}
         for (cid, *_), (i, (_, _, fp, _)) in zip(calls, pending.items()):

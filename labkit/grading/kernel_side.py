@@ -9,7 +9,6 @@ module in their own kernel can only change their own outputs, which the grader t
 """
 from __future__ import annotations
 
-import json
 import linecache
 import random
 import time

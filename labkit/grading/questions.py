@@ -97,7 +97,8 @@ def _validate(q: Question) -> None:
         raise ValueError(f"Question {q.id}: needs at least one visible case (students must see what is tested)")
     if not (isinstance(q.groups, dict) and q.groups and all(isinstance(g, str) and isinstance(w, (int, float))
                                                             and w > 0 for g, w in q.groups.items())):
-        raise ValueError(f"Question {q.id}: groups must be a non-empty {{name: positive weight}} dict, got {q.groups!r}")
+        raise ValueError(f"Question {q.id}: groups must be a non-empty {{name: positive weight}} dict, "
+                         f"got {q.groups!r}")
     if not (isinstance(q.implemented_by, (list, tuple)) and all(isinstance(n, str) and "." in n
                                                                 for n in q.implemented_by)):
         raise ValueError(f"Question {q.id}: implemented_by must list dotted names such as "
@@ -106,14 +107,16 @@ def _validate(q: Question) -> None:
     _validate_cases(q, "hidden", q.hidden)
     core = next(iter(q.groups))
     if not any((c[2] if len(c) > 2 else core) == core for c in q.visible):
-        raise ValueError(f"Question {q.id}: the core group {core!r} needs a visible case (students must see the core idea)")
+        raise ValueError(f"Question {q.id}: the core group {core!r} needs a visible case "
+                         f"(students must see the core idea)")
 
 
 def _validate_cases(q: "Question", kind: str, cases: list) -> None:
     names = []
     for case in cases:
         if not (isinstance(case, tuple) and len(case) in (2, 3) and isinstance(case[0], str) and callable(case[1])):
-            raise ValueError(f"Question {q.id}: each {kind} case must be a (name, case_fn[, group]) tuple, got {case!r}")
+            raise ValueError(f"Question {q.id}: each {kind} case must be a (name, case_fn[, group]) tuple, "
+                             f"got {case!r}")
         if len(case) == 3 and case[2] not in q.groups:
             raise ValueError(f"Question {q.id}: {kind} case {case[0]!r} names group {case[2]!r}, "
                              f"not one of {list(q.groups)}")
@@ -144,7 +147,8 @@ def add_hidden(qid: str, cases: list) -> None:
     """
     q = _REGISTRY.get(qid)
     if q is None:
-        raise ValueError(f"add_hidden: no visible question {qid!r} is registered (known: {', '.join(sorted(_REGISTRY))})")
+        raise ValueError(f"add_hidden: no visible question {qid!r} is registered "
+                         f"(known: {', '.join(sorted(_REGISTRY))})")
     new = list(cases)
     names = {c[0] for c in new if isinstance(c, tuple) and c}
     merged = [c for c in q.hidden if c[0] not in names] + new  # a reload replaces its own cases
