@@ -366,3 +366,59 @@ def test_welcome_questions_accept_a_correct_answer_and_reject_a_wrong_one(capsys
         assert check(qid, fn, hidden=True).ok, capsys.readouterr().out
     naive = check("welcome.softmax", lambda z, temperature=1.0: z.div(temperature).exp() / z.div(temperature).exp().sum(-1, keepdim=True), hidden=True)
     assert [c.name for c in naive.cases if not c.passed] == ["large logits stay finite", "T <= 0 raises ValueError"]
+
+
+def test_hidden_cases_and_references_are_not_in_the_package():
+    import ast
+    import tomllib
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    conf = tomllib.loads((root / "pyproject.toml").read_text())
+    include = conf["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert not any(fnmatch("instructor", pat) or fnmatch("instructor.bank", pat) for pat in include)
+    assert (root / "instructor" / "bank").is_dir() and not (root / "labkit" / "instructor").exists()
+    for path in (root / "labkit" / "grading" / "bank").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+        calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        assert not any(n.endswith("_ref") for n in names), (path.name, names)
+        assert "add_hidden" not in calls and "hidden=" not in path.read_text(), path.name
+    for q in qmod.all_questions().values():
+        assert q.hidden, f"{q.id}: no hidden case loaded from instructor/bank"
+
+
+def test_visible_data_agrees_with_the_instructor_references():
+    import json
+    import runpy
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    build = runpy.run_path(str(root / "instructor" / "make_visible_data.py"))["build"]
+    from labkit.grading.bank._data import PATH
+
+    stored = json.loads(PATH.read_text())
+    fresh = build()
+    assert set(stored) == set(fresh)
+    for key in stored:
+        for name in stored[key]:
+            a, b = stored[key][name], fresh[key][name]
+            if "data" in a:
+                assert a["dtype"] == b["dtype"] and a["shape"] == b["shape"], (key, name)
+                assert np.allclose(np.array(a["data"], dtype=float), np.array(b["data"], dtype=float),
+                                   rtol=1e-6, atol=1e-7), (key, name)
+
+
+def test_hidden_check_needs_the_instructor_bank(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom labkit.grading import check, instructor_bank\n"
+            "r = check('welcome.agreement', lambda a, b: (a == b).double().mean().item(), hidden=True)\n"
+            "print('bank', instructor_bank(), 'cases', r.total)")
+    env = dict(os.environ, LABKIT_BANK=str(tmp_path / "no-bank-here"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert "only available where the instructor bank is present" in out
+    assert "bank None cases 1" in out  # only the visible case ran

@@ -193,8 +193,12 @@ for prompt, answer in zip(prompts, generate_answers(base, prompts, max_new_token
 #
 # When your work is graded, `labkit grade` runs your notebook in a fresh kernel and then the visible
 # **and hidden** tests of every question. Each question is scored on its own: a crash, a wrong answer or
-# an endless loop in one function costs that question only. (In the solution notebook you also see the
-# hidden-test cells; the student version has them removed.)
+# an endless loop in one function costs that question only. Within a question the tests come in groups:
+# the **core** group (its idea, always among the visible tests) must pass before the others (edge cases,
+# error handling, numerical stability) count. An answer that calls the kit's own implementation of the
+# exercise scores 0 for it, with that reason in the feedback: write the computation yourself. (In the
+# solution notebook you also see the hidden-test cells; the student version has them removed, and the
+# hidden tests themselves stay with your instructor.)
 #
 # ### Exercise 1: softmax with a temperature (2 points)
 #
@@ -410,15 +414,18 @@ print("some test digits are missed by some seeds but not all:", fixable > 0)
 # `### BEGIN SOLUTION` / `### END SOLUTION` markers and the hidden tests between
 # `### BEGIN HIDDEN TESTS` / `### END HIDDEN TESTS`, so nbgrader users can adopt them as they are
 # (set `LABKIT_CHECK_STRICT=1` when autograding with nbgrader, so that a failed `check` raises). The
-# questions themselves (test cases and points) live in the package, in `labkit/grading/bank/`.
+# questions and their visible test cases live in the package (`labkit/grading/bank/`); the hidden cases
+# and their reference implementations stay with the instructor, in `instructor/bank/` of the repository
+# (`labkit grade --bank DIR` for a course's own), never in the package or the student release.
 #
 # ```bash
 # labkit release --out release/              # student versions: stubs, no hidden tests, no outputs
 # labkit grade submissions/*.ipynb --out grades/ --cell-timeout 120 --timeout 900
 # ```
 #
-# `labkit grade` runs each submission (a copy; the file itself is never modified) in a fresh kernel, in
-# parallel across CPU cores, and writes `grades/grades.csv` (points per question, total) and one
-# feedback file per student in `grades/feedback/` with every test case's verdict.
+# `labkit grade` runs each submission (a copy; the file itself is never modified) in a fresh, sandboxed
+# kernel, in parallel across CPU cores; the tests run in the grader, which only asks the kernel to call
+# the student's functions on given inputs. It writes `grades/grades.csv` (points per question, total)
+# and one feedback file per student in `grades/feedback/` with every test case's verdict.
 #
 # **Next:** lab 01, ensembling, starts from the five seeds you just averaged.

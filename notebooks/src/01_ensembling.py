@@ -71,7 +71,10 @@ print(f"device: {device_name(device)}, mode: {run_mode()}")
 # Both rules take member logits `[M, ..., V]` (member axis first) and weights `[M]` (one per member) or
 # `[M, ...]` (a different mix at every position, e.g. predicted by a gate). Return log-probabilities;
 # compute in log space: `torch.log_softmax` and `torch.logsumexp` never overflow, `softmax(...).log()`
-# can. For the linear rule, refuse negative weights or weights that do not sum to 1 (`ValueError`).
+# can (your answer is tested on logits near ±1000), and keep the logits' dtype. Both rules raise
+# `ValueError` when the number of weights is not $M$; the linear rule also refuses negative weights or
+# weights that do not sum to 1. In the log-linear rule a member with weight 0 drops out, even where its
+# log-probability is $-\infty$ ($0 \cdot (-\infty)$ is NaN: skip zero-weight terms).
 
 # %% tags=["solution"]
 def linear_interpolate(logits, weights):
@@ -198,7 +201,7 @@ claim("linear interpolation behaves like OR, log-linear like AND (constructed ex
 # given the same prefix, the scores are combined by a rule, and one token is chosen for everyone
 # (greedy: the argmax). Write that step. Member logits are `[M, B, V]` (members, batch, vocabulary);
 # return the chosen tokens `[B]` and the combined log-probabilities `[B, V]`. `rule` is `"linear"` or
-# `"log_linear"`; use your two functions.
+# `"log_linear"` (whose weights may be negative: an anti-expert); use your two functions.
 
 # %% tags=["solution"]
 def ensemble_next_token(member_logits, weights, rule="linear"):
@@ -240,9 +243,10 @@ check("ensemble.ensemble_next_token", ensemble_next_token)
 # ### Exercise: the bagging resampler
 #
 # A bootstrap resample draws $n$ indices **with replacement** from $0..n-1$; each resample keeps about
-# $1 - 1/e \approx 63\%$ of the distinct examples, so every member sees a different dataset. Return a
-# `LongTensor [k, n]` that is reproducible from `seed` (use your own `torch.Generator`, not the global
-# RNG) and raise `ValueError` for $n < 1$ or $k < 1$.
+# $1 - 1/e \approx 63\%$ of the distinct examples, so every member sees a different dataset. Every
+# index is equally likely, and the $k$ rows differ from each other. Return a `LongTensor [k, n]` that
+# is reproducible from `seed` (the same seed gives the same resamples, another seed others: use your own
+# `torch.Generator`, not the global RNG) and raise `ValueError` for $n < 1$ or $k < 1$.
 
 # %% tags=["solution"]
 def bootstrap_indices(n, k, seed=0):
@@ -447,7 +451,8 @@ claim("the ensemble gain grows with member diversity (lower error correlation)",
 # log space (`logsumexp`) because the probabilities of long sequences underflow.
 #
 # ### Exercise: fit mixture weights with EM
-# `target_lp [M, N]` holds $\log P_m(y_n \mid x_n)$; return $\lambda$ `[M]` after `iters` EM steps.
+# `target_lp [M, N]` holds $\log P_m(y_n \mid x_n)$; starting from uniform weights, return $\lambda$ `[M]`
+# (non-negative, summing to 1, in `target_lp`'s dtype) after `iters` EM steps.
 
 # %% tags=["solution"]
 def fit_mixture_weights(target_lp, iters=200):
