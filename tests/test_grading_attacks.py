@@ -155,7 +155,9 @@ def attacks(tmp_path_factory):
                  f"    except Exception as e:\n        print('BLOCKED', type(e).__name__)\n"
                  f"try:\n    open({str(out / 'planted.txt')!r}, 'w').write('x')\n    print('WROTE')\n"
                  f"except Exception as e:\n    print('BLOCKED', type(e).__name__)\n"
-                 f"from labkit.grading import instructor_bank\nprint('bank in kernel:', instructor_bank())")
+                 f"from labkit.grading import instructor_bank\nprint('bank in kernel:', instructor_bank())\n"
+                 f"import numpy as np\ntry:\n    block = np.zeros(4 * 2**30, dtype=np.uint8)  # lazy: no RAM without a limit\n"
+                 f"    print('ALLOCATED')\nexcept MemoryError:\n    print('MEMORY-LIMITED')")
     notebooks = {
         "honest": welcome(),
         "patch_kernel_question": welcome(PATCH_KERNEL_QUESTION, answers=STUBS),
@@ -188,7 +190,7 @@ def attacks(tmp_path_factory):
         nbformat.write(nb, str(subs / f"{name}.ipynb"))
     t0 = time.monotonic()
     graded, problems, csv_path = grade(sorted(subs.iterdir()), out, cell_timeout=CELL_TIMEOUT, timeout=TIMEOUT,
-                                       jobs=2, bank=BANK)
+                                       jobs=2, bank=BANK, memory_gb=3)
     seconds = time.monotonic() - t0
     grades_after = csv_path.read_bytes()
     time.sleep(7)  # the detached child would have written by now
@@ -244,12 +246,14 @@ def test_a_detached_child_dies_with_grading_and_cannot_touch_the_grades(attacks)
     assert alive == [], "a process the submission detached is still running"
 
 
-def test_reading_the_bank_or_writing_the_grades_from_the_kernel_fails(attacks):
+def test_reading_the_bank_or_writing_the_grades_from_the_kernel_fails_and_memory_is_limited(attacks):
     assert total(attacks, "read_bank") == 6
     nb = nbformat.read(attacks["out"] / "executed" / "read_bank.ipynb", as_version=4)
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "READ" not in text and text.count("BLOCKED") == 3, text
     assert "bank in kernel: None" in text
+    if sandbox.detect_mode() != "none":
+        assert "MEMORY-LIMITED" in text and "ALLOCATED" not in text  # --memory-gb 3 holds
     assert not (attacks["out"] / "planted.txt").exists()
 
 

@@ -1,7 +1,7 @@
 """The sandbox a submission's kernel runs in: every process it starts dies with its grading.
 
-``python -m labkit.grading.sandbox CONFIG -- COMMAND...`` (what ``labkit grade`` starts instead of the
-kernel itself) runs COMMAND as PID 1 of a new PID namespace, in a new mount namespace:
+``python labkit/grading/sandbox.py CONFIG -- COMMAND...`` (what ``labkit grade`` starts instead of the
+kernel itself; the file is run as a script and uses only the standard library) runs COMMAND as PID 1 of a new PID namespace, in a new mount namespace:
 
 - the instructor bank, the grades folder and the other submissions' folders are covered by empty
   read-only mounts, the request folder (the inputs the grader writes) is read-only, and /proc shows
@@ -199,7 +199,7 @@ def _copy_connection_file(cmd: list[str], cfg: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m labkit.grading.sandbox CONFIG -- COMMAND...", file=sys.stderr)
+        print("usage: python labkit/grading/sandbox.py CONFIG -- COMMAND...", file=sys.stderr)
         return 2
     cfg = json.loads(Path(argv[0]).read_text())
     cmd = _copy_connection_file(argv[2:], cfg)
@@ -334,7 +334,8 @@ def _kernel_spec_manager_class():
 
         def get_kernel_spec(self, kernel_name):
             spec = ipykernel.kernelspec.get_kernel_dict()
-            spec["argv"] = [sys.executable, "-m", "labkit.grading.sandbox", self.sandbox_config, "--", *spec["argv"]]
+            # the launcher runs as a script (stdlib only): importing labkit.grading would load torch first
+            spec["argv"] = [sys.executable, "-I", os.path.abspath(__file__), self.sandbox_config, "--", *spec["argv"]]
             return self.kernel_spec_class(resource_dir=ipykernel.kernelspec.RESOURCES, **spec)
 
     return SandboxKernelSpecManager
