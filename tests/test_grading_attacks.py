@@ -156,7 +156,8 @@ def attacks(tmp_path_factory):
                  f"try:\n    open({str(out / 'planted.txt')!r}, 'w').write('x')\n    print('WROTE')\n"
                  f"except Exception as e:\n    print('BLOCKED', type(e).__name__)\n"
                  f"from labkit.grading import instructor_bank\nprint('bank in kernel:', instructor_bank())\n"
-                 f"import numpy as np\ntry:\n    block = np.zeros(4 * 2**30, dtype=np.uint8)  # lazy: no RAM without a limit\n"
+                 f"import numpy as np\ntry:\n"
+                 f"    block = np.zeros(4 * 2**30, dtype=np.uint8)  # lazy: no RAM used without a limit\n"
                  f"    print('ALLOCATED')\nexcept MemoryError:\n    print('MEMORY-LIMITED')")
     notebooks = {
         "honest": welcome(),

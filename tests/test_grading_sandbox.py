@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from labkit.grading import sandbox
+
 
 @pytest.fixture
 def tmp_path():
@@ -21,7 +23,6 @@ def tmp_path():
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
-from labkit.grading import sandbox
 
 LAUNCHER = Path(sandbox.__file__).resolve()
 MARKER = "labkit-sandbox-test-marker"
