@@ -84,3 +84,20 @@ def test_check_reports_the_lock_and_scores_zero(capsys):
     out = capsys.readouterr().out
     assert r.points == 0 and r.locked
     assert "this exercise asks you to write it; you called labkit.ensemble.linear_interpolate" in out
+
+
+def test_runtime_lock_without_importing_anything(monkeypatch):
+    # in a kernel the lock resolves nothing by importing; a module first imported during the answer's
+    # call is still recognised by its functions' names and modules
+    import sys
+
+    for name in [m for m in sys.modules if m == "labkit.ensemble" or m.startswith("labkit.ensemble.")]:
+        monkeypatch.delitem(sys.modules, name)
+
+    def answer(logits, weights):
+        return ens.linear_interpolate(logits, weights)
+
+    with runtime_lock_check(LOCKED) as seen:
+        answer(torch.randn(2, 3), torch.tensor([0.5, 0.5]))
+    assert seen == {"labkit.ensemble.linear_interpolate"}
+    assert "labkit.ensemble" not in sys.modules  # nothing was imported to find it

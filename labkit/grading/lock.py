@@ -239,12 +239,18 @@ def static_lock_check(sources: list[str], function: str, locked: list[str]) -> l
 # Run time
 
 
-def _resolve_object(dotted: str):
-    """The object a dotted name names, importing only its module (None when it does not exist)."""
+def _resolve_object(dotted: str, imports: bool = True):
+    """The object a dotted name names, importing only its module (None when it does not exist).
+
+    ``imports=False``: only modules imported already (in a kernel, importing transformers to watch for
+    a call of one of its functions would cost the answer's time limit seconds).
+    """
     parts = dotted.split(".")
     for cut in range(len(parts) - 1, 0, -1):
         module_name = ".".join(parts[:cut])
         if module_name not in sys.modules:
+            if not imports:
+                continue
             try:
                 importlib.import_module(module_name)
             except Exception:  # noqa: BLE001 - not a module: try a shorter prefix
@@ -259,8 +265,8 @@ def _resolve_object(dotted: str):
     return None
 
 
-def _code_objects(dotted: str) -> list:
-    obj = _resolve_object(dotted)
+def _code_objects(dotted: str, imports: bool = True) -> list:
+    obj = _resolve_object(dotted, imports)
     if obj is None:
         return []
     if isinstance(obj, type):  # a class: its own methods
@@ -275,17 +281,25 @@ def runtime_lock_check(locked):
     """Within the block, record (into the yielded set) each locked function called from student code."""
     seen: set = set()
     codes = {}
+    by_name: dict[str, list[tuple[str, str]]] = {}  # function name -> [(module prefix, locked name)]
     for name in locked or []:
-        for code in _code_objects(name):
+        for code in _code_objects(name, imports=False):
             codes[code] = name
-    if not codes:
+        module, _, last = name.rpartition(".")
+        by_name.setdefault(last, []).append((module, name))  # for modules imported later, during the call
+    if not locked:
         yield seen
         return
     from .questions import _is_student_frame
 
     def profile(frame, event, arg):
         if event == "call":
-            name = codes.get(frame.f_code)
+            code = frame.f_code
+            name = codes.get(code)
+            if name is None and code.co_name in by_name:
+                module = frame.f_globals.get("__name__", "")
+                name = next((n for prefix, n in by_name[code.co_name]
+                             if module == prefix or module.startswith(prefix + ".")), None)
             if name is not None and frame.f_back is not None and _is_student_frame(frame.f_back.f_code.co_filename):
                 seen.add(name)
 

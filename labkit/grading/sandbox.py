@@ -1,7 +1,8 @@
 """The sandbox a submission's kernel runs in: every process it starts dies with its grading.
 
 ``python labkit/grading/sandbox.py CONFIG -- COMMAND...`` (what ``labkit grade`` starts instead of the
-kernel itself; the file is run as a script and uses only the standard library) runs COMMAND as PID 1 of a new PID namespace, in a new mount namespace:
+kernel itself; the file is run as a script and uses only the standard library) runs COMMAND as PID 1
+of a new PID namespace, in a new mount namespace:
 
 - the instructor bank, the grades folder and the other submissions' folders are covered by empty
   read-only mounts, the request folder (the inputs the grader writes) is read-only, and /proc shows
