@@ -127,6 +127,11 @@ class _Kernel:
         except Exception:  # noqa: BLE001 - the pid is only needed for the final sweep
             self.launcher_pid = None
         self.job.launchers.append(self.launcher_pid)
+        if self.launcher_pid:
+            try:  # without namespaces, the kernel's process group is what can be found again
+                self.job.groups.append(os.getpgid(self.launcher_pid))
+            except OSError:
+                pass
         status, _, content = self.run("__import__('labkit.grading.kernel_side', fromlist=['_']).preload()",
                                       _PRELOAD_TIMEOUT)
         if status != "ok":
@@ -202,6 +207,7 @@ class _Job:
             d.mkdir()
         self.log = self.root / "kernel.log"
         self.launchers: list = []
+        self.groups: list = []
         self.uid = self.gid = None
         if self.mode == "uid":
             self.uid = self.gid = _free_uid()
@@ -253,7 +259,7 @@ class _Job:
             left = sandbox.kill_all(launcher, child, ns, self.uid)
         self.launchers.clear()
         if self.mode == "none":
-            left += _kill_group_leftovers(self.log)
+            left += _kill_sessions(self.groups)
         return left
 
 
@@ -278,8 +284,31 @@ def _free_uid() -> int:
     raise RuntimeError("no free user id for the sandbox")
 
 
-def _kill_group_leftovers(log: Path) -> list[int]:
-    return []  # without namespaces there is no reliable way to find a detached child; grade() warns
+def _kill_sessions(groups: list[int]) -> list[int]:
+    """Best effort without namespaces: SIGKILL the kernel's process groups and sessions (a child that
+    started its own session escapes this; ``grade`` warns about it)."""
+    import signal
+
+    for g in groups:
+        try:
+            os.killpg(g, signal.SIGKILL)
+        except OSError:
+            pass
+    left = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            pgrp, sid = int(fields[2]), int(fields[3])
+        except (OSError, IndexError, ValueError):
+            continue
+        if (pgrp in groups or sid in groups) and int(entry) != os.getpid():
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+            except OSError:
+                left.append(int(entry))
+    return left
 
 
 def _stdout(outputs: list) -> str:
@@ -369,10 +398,11 @@ def grade_one(sub: dict, cell_timeout: float, timeout: float, executed_dir: str 
         if job.uid is not None:
             os.chown(job.work / sub["name"], job.uid, job.gid)
         kernel = _Kernel(job)
-        stop_watch = threading.Event()
+        stop_watch, killed = threading.Event(), threading.Event()
 
         def watchdog():
             if not stop_watch.wait(max(1.0, hard_deadline - time.monotonic())):
+                killed.set()  # no restart after this: whatever runs now is the last of this submission
                 notes.append(f"the submission ran past its hard limit of {2 * timeout + 2 * _STARTUP_TIMEOUT:g} s "
                              f"and was killed")
                 job.sweep()
@@ -394,6 +424,10 @@ def grade_one(sub: dict, cell_timeout: float, timeout: float, executed_dir: str 
             tail = kernel.log_tail()
             if tail:
                 why += f" (kernel said: {_one_line(tail, 200)})"
+            if killed.is_set():
+                notes.append(f"{why}; the kernel was not restarted (the submission's hard time limit had passed)")
+                kernel.stop()
+                return False
             if deadline - time.monotonic() < 5:
                 notes.append(f"{why}; no time was left to restart the kernel")
                 kernel.stop()
@@ -420,7 +454,7 @@ def grade_one(sub: dict, cell_timeout: float, timeout: float, executed_dir: str 
             for i, cell in code_cells:
                 label = f"cell {i + 1}"
                 remaining = deadline - time.monotonic()
-                if remaining <= 1:
+                if remaining <= 1 or killed.is_set():
                     notes.append(f"{label} and the cells after it were not run: the notebook used up its {timeout:g} s budget")
                     break
                 limit = min(cell_timeout, remaining)
@@ -450,6 +484,8 @@ def grade_one(sub: dict, cell_timeout: float, timeout: float, executed_dir: str 
 
                 def send(question, calls, q=q, state=state):
                     remaining = test_deadline - time.monotonic()
+                    if killed.is_set():
+                        remaining = 0
                     if state["dead"] or kernel.client is None or remaining <= 1:
                         why = ("testing stopped: the submission used up its time budget" if remaining <= 1
                                else "not tested: an earlier call of this answer did not finish" if state["dead"]

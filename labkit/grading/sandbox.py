@@ -130,20 +130,23 @@ def _setup_child(cfg: dict) -> None:
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     except OSError as e:  # /proc then still shows the host's processes: say so in the kernel log
         print(f"labkit sandbox: could not mount a private /proc ({e})", file=sys.stderr)
-    import resource
-
-    limits = cfg.get("limits", {})
-    for name, key in (("data", resource.RLIMIT_DATA), ("cpu", resource.RLIMIT_CPU), ("fsize", resource.RLIMIT_FSIZE),
-                      ("nproc", resource.RLIMIT_NPROC), ("as", resource.RLIMIT_AS)):
-        value = limits.get(name)
-        if value:
-            resource.setrlimit(key, (int(value), int(value)))
+    _set_limits(cfg.get("limits", {}))
     uid, gid = cfg.get("uid"), cfg.get("gid")
     if cfg["mode"] == "uid" and uid is not None:
         os.setgroups([])
         os.setgid(int(gid))
         os.setuid(int(uid))
     os.chdir(cfg["work_dir"])
+
+
+def _set_limits(limits: dict) -> None:
+    import resource
+
+    for name, key in (("data", resource.RLIMIT_DATA), ("cpu", resource.RLIMIT_CPU), ("fsize", resource.RLIMIT_FSIZE),
+                      ("nproc", resource.RLIMIT_NPROC), ("as", resource.RLIMIT_AS)):
+        value = limits.get(name)
+        if value:
+            resource.setrlimit(key, (int(value), int(value)))
 
 
 def _blocking_ancestor(path: str) -> str | None:
@@ -207,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = cfg["mode"]
     cfg["launcher_pid"] = os.getpid()
     if mode == "none":
+        _set_limits(cfg.get("limits", {}))
+        os.chdir(cfg["work_dir"])
         os.execvpe(cmd[0], cmd, os.environ)
     uid, gid = os.getuid(), os.getgid()
     if mode == "userns":
