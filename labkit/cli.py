@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cell-timeout", type=float, default=120.0, help="seconds per cell (default 120)")
     g.add_argument("--timeout", type=float, default=900.0, help="seconds per notebook (default 900)")
     g.add_argument("--jobs", type=int, default=None, help="parallel graders (default: CPU cores)")
+    g.add_argument("--bank", default=None, help="instructor bank folder with the hidden cases "
+                   "(default: $LABKIT_BANK, else the repository's instructor/bank)")
+    g.add_argument("--memory-gb", type=float, default=6.0, help="memory limit of each kernel (default 6)")
     g.set_defaults(func=_grade)
 
     lb = sub.add_parser("labs", help="run every solution notebook headless and write a report")

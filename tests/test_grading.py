@@ -150,8 +150,9 @@ def demo_question():
         expect_raises(ValueError, f, torch.randn(3), 0.0, what="T=0")
 
     q = register(Question(id="zztest.softmax", notebook="zz_test", function="softmax", points=3,
+                          groups={"core": 2, "errors": 1},
                           visible=[("basic", case_basic), ("temperature", case_temp)],
-                          hidden=[("T=0 raises", case_bad_t)]))
+                          hidden=[("T=0 raises", case_bad_t, "errors")]))
     yield q
     qmod._REGISTRY.pop(q.id, None)
 
@@ -172,16 +173,33 @@ def test_check_all_pass_prints_one_line_per_case(demo_question, capsys):
     assert "  ✓ T=0 raises [hidden]" in capsys.readouterr().out
 
 
-def test_check_wrong_answer_partial_points_and_no_raise(demo_question, capsys):
+def test_check_wrong_answer_scores_by_group_with_a_core_group_first(demo_question, capsys):
     def forgets_t(x, t=1.0):
         return torch.softmax(x, -1)
 
     r = check("zztest.softmax", forgets_t, hidden=True, strict=False)
     out = capsys.readouterr().out
-    assert out.splitlines()[0] == "✗ zztest.softmax: 1/3 cases (visible + hidden) passed, 1/3 points"
+    # one core case fails: nothing counts, not even a passing non-core case
+    assert out.splitlines()[0] == "✗ zztest.softmax: 1/3 cases (visible + hidden) passed, 0/3 points"
     assert "✗ temperature: probs at T=0.5: 15 of 15 values differ (shape [3, 5], torch.float32 on cpu); max abs error" in out
     assert "✗ T=0 raises [hidden]: expected ValueError for T=0, but nothing was raised" in out
-    assert r.points == 1.0 and "Traceback" not in out
+    assert r.points == 0.0 and "Traceback" not in out
+
+    r = check("zztest.softmax", lambda x, t=1.0: torch.softmax(x / t, -1), hidden=True)  # core right, no error
+    assert (r.passed, r.points) == (2, 2.0)  # the core group's weight 2 of 3
+
+
+def test_score_cases_policy():
+    from labkit.grading import CaseResult, score_cases
+
+    groups = {"core": 3, "stable": 1, "errors": 1}
+    cases = lambda *st: [CaseResult(f"c{i}", s, group=g) for i, (s, g) in enumerate(st)]  # noqa: E731
+    assert score_cases(cases(("pass", "core"), ("pass", "stable"), ("pass", "errors")), groups, 2) == 2
+    assert score_cases(cases(("pass", "core"), ("fail", "stable"), ("pass", "errors")), groups, 2) == 1.6
+    assert score_cases(cases(("fail", "core"), ("pass", "stable"), ("pass", "errors")), groups, 2) == 0
+    assert score_cases(cases(("pass", "core"), ("pass", "core"), ("error", "errors")), groups, 5) == 3.75
+    # a group without cases here (a visible-only check) is left out of the share
+    assert score_cases(cases(("pass", "core")), groups, 2) == 2
 
 
 def test_check_summarises_student_exception_with_line(demo_question, capsys):
@@ -283,7 +301,8 @@ def test_result_display_is_silent_and_repr_is_short(demo_question, capsys):
     r = check("zztest.softmax", _good)
     assert r._ipython_display_() is None
     assert repr(r) == "CheckResult('zztest.softmax', passed=2/2, points=3.0/3)"
-    assert r.to_dict()["cases"][0] == {"name": "basic", "status": "pass", "message": "", "hidden": False}
+    assert r.to_dict()["cases"][0] == {"name": "basic", "status": "pass", "message": "", "hidden": False,
+                                          "group": "core"}
 
 
 # ---------------------------------------------------------------- registry and banks
@@ -299,7 +318,10 @@ def _case(f):
     (dict(function="not an identifier"), "must be a Python identifier"),
     (dict(points=0), "points must be a positive number"),
     (dict(visible=[]), "at least one visible case"),
-    (dict(visible=[_case]), r"must be a \(name, case_fn\) tuple"),
+    (dict(visible=[_case]), r"must be a \(name, case_fn\[, group\]\) tuple"),
+    (dict(visible=[("a", _case, "nogroup")]), "names group 'nogroup', not one of"),
+    (dict(implemented_by="labkit.x"), "implemented_by must list dotted names"),
+    (dict(groups={"core": 1, "errors": 1}, visible=[("a", _case, "errors")]), "core group 'core' needs a visible"),
     (dict(hidden=[("a", _case), ("a", _case)]), "duplicate hidden case names"),
 ])
 def test_register_rejects_bad_questions(kwargs, match):
@@ -325,6 +347,7 @@ def test_every_bank_module_imports_and_welcome_questions_exist():
     assert questions_for("00_welcome.ipynb") == questions_for("00_welcome")
     for q in qmod.all_questions().values():
         assert q.visible and q.module.startswith("labkit.grading.bank."), q.id
+        assert isinstance(q.implemented_by, list), q.id
 
 
 def test_welcome_questions_accept_a_correct_answer_and_reject_a_wrong_one(capsys):
@@ -355,3 +378,59 @@ def test_welcome_questions_accept_a_correct_answer_and_reject_a_wrong_one(capsys
     naive = check("welcome.softmax", lambda z, temperature=1.0: z.div(temperature).exp() / z.div(temperature).exp().sum(-1, keepdim=True),
                   hidden=True, strict=False)
     assert [c.name for c in naive.cases if not c.passed] == ["large logits stay finite", "T <= 0 raises ValueError"]
+
+
+def test_hidden_cases_and_references_are_not_in_the_package():
+    import ast
+    import tomllib
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    conf = tomllib.loads((root / "pyproject.toml").read_text())
+    include = conf["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert not any(fnmatch("instructor", pat) or fnmatch("instructor.bank", pat) for pat in include)
+    assert (root / "instructor" / "bank").is_dir() and not (root / "labkit" / "instructor").exists()
+    for path in (root / "labkit" / "grading" / "bank").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+        calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        assert not any(n.endswith("_ref") for n in names), (path.name, names)
+        assert "add_hidden" not in calls and "hidden=" not in path.read_text(), path.name
+    for q in qmod.all_questions().values():
+        assert q.hidden, f"{q.id}: no hidden case loaded from instructor/bank"
+
+
+def test_visible_data_agrees_with_the_instructor_references():
+    import json
+    import runpy
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    build = runpy.run_path(str(root / "instructor" / "make_visible_data.py"))["build"]
+    from labkit.grading.bank._data import PATH
+
+    stored = json.loads(PATH.read_text())
+    fresh = build()
+    assert set(stored) == set(fresh)
+    for key in stored:
+        for name in stored[key]:
+            a, b = stored[key][name], fresh[key][name]
+            if "data" in a:
+                assert a["dtype"] == b["dtype"] and a["shape"] == b["shape"], (key, name)
+                assert np.allclose(np.array(a["data"], dtype=float), np.array(b["data"], dtype=float),
+                                   rtol=1e-6, atol=1e-7), (key, name)
+
+
+def test_hidden_check_needs_the_instructor_bank(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom labkit.grading import check, instructor_bank\n"
+            "r = check('welcome.agreement', lambda a, b: (a == b).double().mean().item(), hidden=True)\n"
+            "print('bank', instructor_bank(), 'cases', r.total)")
+    env = dict(os.environ, LABKIT_BANK=str(tmp_path / "no-bank-here"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert "only available where the instructor bank is present" in out
+    assert "bank None cases 1" in out  # only the visible case ran

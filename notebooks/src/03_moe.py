@@ -70,8 +70,10 @@ print("ready")
 #
 # ### Exercise 1: top-k gating (2 points)
 #
-# Return the renormalised top-$k$ probabilities and the chosen experts, both `[T, k]`. Compute in
-# float32 (keep float64 inputs in float64), raise `ValueError` unless $1 \le k \le E$.
+# Return the renormalised top-$k$ probabilities and the chosen experts, both `[T, k]` (the order of the
+# $k$ experts of a token is free). Compute in float32, so bf16 or fp16 logits give float32 weights
+# (keep float64 inputs in float64); use `torch.softmax`, which stays finite for logits near ±1000; raise
+# `ValueError` unless $1 \le k \le E$.
 
 # %% tags=["solution"]
 def top_k_gating(logits, k):
@@ -278,7 +280,10 @@ claim(11, "an MoE with the dense model's active parameters reaches a lower held-
 #
 # ### Exercise 2: the load-balancing loss (2 points)
 #
-# For one layer's router logits `[T, E]`, equal to transformers' `load_balancing_loss_func`.
+# For one layer's router logits `[T, E]`, equal to transformers' `load_balancing_loss_func` (a scalar
+# tensor; float32 or the logits' dtype). $f$ counts the routed slots (no gradient), so the gradient
+# with respect to the logits flows through $P$ only. Calling transformers' function (or the kit's)
+# does not count as an answer.
 
 # %% tags=["solution"]
 def load_balancing_loss(router_logits, top_k):
@@ -499,7 +504,8 @@ claim(11, "experts specialise: the first-choice expert depends on the task far m
 # ### Exercise 3: group the pairs by expert (1 point)
 #
 # For `experts` `[T, k]`, return `order` `[T*k]`, the indices of the flattened pairs sorted by expert
-# (stable: pairs of one expert keep their order), and `counts` `[E]`, tokens per expert.
+# (stable: pairs of one expert keep their order), and `counts` `[E]`, tokens per expert (length E, with
+# 0 for experts that receive no token).
 
 # %% tags=["solution"]
 def sort_by_expert(experts, num_experts):
@@ -521,7 +527,9 @@ check("moe.sort_by_expert", sort_by_expert)
 #
 # Compute the MoE output $y_t = \sum_j w_{tj} E_{e_{tj}}(x_t)$ with your `sort_by_expert`: gather
 # the tokens in expert order (pair $i$ belongs to token $i // k$), run each expert once on its
-# segment, weight the rows, and add them back to their tokens. Keep it differentiable.
+# segment (an expert may get no token), weight the rows, and add them back to their tokens. With
+# $k > 1$ a token appears $k$ times, so add with `index_add` (`y[token] += rows` keeps only one write
+# per token). Keep it differentiable: the gradient must reach `x`, `weights` and both projections.
 
 # %% tags=["solution"]
 def sort_dispatch(x, experts, weights, gate_up_proj, down_proj):

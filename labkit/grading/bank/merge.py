@@ -1,17 +1,17 @@
-"""Questions of notebooks/02_merging.ipynb: weighted averaging of state dicts, task-vector
+"""Visible cases of notebooks/02_merging.ipynb: weighted averaging of state dicts, task-vector
 arithmetic, the three steps of TIES (trim, elect, disjoint mean) and the greedy soup.
 
-Expected values are hand-computed or come from the plain float64 references below, written
-independently of labkit.merge and of the notebook's solutions.
+Expected values are hand-computed or stored data (``visible_data.json``); the hidden cases and the
+float64 references are in the instructor bank (instructor/bank/merge.py).
 """
 from __future__ import annotations
 
 import torch
 
-from labkit.grading import Question, expect_close, expect_equal, expect_raises, expect_true, register
+from labkit.grading import DeclaredCallable, Question, expect_close, expect_equal, register
+from labkit.grading.bank._data import visible
 
 NB = "02_merging"
-D = torch.float64
 
 
 def _t(*values, dtype=torch.float32):
@@ -24,12 +24,6 @@ def _sd(dtype=torch.float32, **tensors):
 
 # ---- weighted averaging ----------------------------------------------------------------------
 
-def _avg_ref(state_dicts, weights):
-    total = sum(float(w) for w in weights)
-    return {k: (sum(float(w) * sd[k].double() for w, sd in zip(weights, state_dicts)) / total).to(v.dtype)
-            for k, v in state_dicts[0].items()}
-
-
 def _avg_hand(f):
     a, b = _sd(w=[1.0, 2.0], b=[0.0]), _sd(w=[3.0, 6.0], b=[4.0])
     expect_close(f([a, b], [1.0, 3.0]), {"w": _t(2.5, 5.0), "b": _t(3.0)}, "(1*a + 3*b) / 4")
@@ -41,37 +35,21 @@ def _avg_uniform(f):
 
 
 def _avg_random(f):
-    sds = [{"x": torch.randn(5, 3), "y": torch.randn(7)} for _ in range(3)]
-    w = [0.2, 0.5, 0.3]
-    expect_close(f(sds, w), _avg_ref(sds, w), "weighted average of 3 random state dicts")
-
-
-def _avg_unnormalised(f):
-    sds = [{"x": torch.randn(4)} for _ in range(2)]
-    expect_close(f(sds, [2.0, 6.0]), _avg_ref(sds, [2.0, 6.0]), "weights 2 and 6 (divide by their sum)")
-
-
-def _avg_dtype(f):
-    sds = [{"x": torch.randn(16).to(torch.bfloat16)} for _ in range(3)]
-    got = f(sds, [1.0, 1.0, 1.0])
-    expect_true(got["x"].dtype == torch.bfloat16, f"a bfloat16 input must give a bfloat16 result, got {got['x'].dtype}")
-    expect_close(got, _avg_ref(sds, [1.0, 1.0, 1.0]), "average of bfloat16 tensors (computed in float32)")
-
-
-def _avg_errors(f):
-    a, b = _sd(w=[1.0]), _sd(w=[2.0])
-    expect_raises(ValueError, f, [a, b], [1.0], what="2 state dicts but 1 weight")
-    expect_raises(ValueError, f, [a, b], [1.0, -1.0], what="weights summing to 0")
-    expect_raises(ValueError, f, [a, _sd(v=[2.0])], [1.0, 1.0], what="state dicts with different keys")
+    d = visible("merge.weighted_average/three random")
+    sds = [{"x": x, "y": y} for x, y in zip(d["x"], d["y"])]
+    expect_close(f(sds, [0.2, 0.5, 0.3]), {"x": d["expected_x"], "y": d["expected_y"]},
+                 "weighted average of 3 random state dicts")
 
 
 register(Question(
     id="merge.weighted_average", notebook=NB, function="weighted_average", points=2,
-    description="sum_i w_i theta_i / sum_i w_i for every tensor, in float32, in the inputs' dtype",
+    description="sum_i w_i theta_i / sum_i w_i for every tensor, computed in float32 and returned in the inputs' "
+                "dtype; ValueError on a weight count mismatch, weights summing to 0, or different keys",
+    groups={"core": 3, "dtype": 1, "errors": 1},
+    implemented_by=["labkit.merge.linear", "labkit.merge.merge", "labkit.merge.average_checkpoints",
+                    "labkit.merge.uniform_soup", "labkit.merge.interpolate", "labkit.merge.merge_tensor"],
     visible=[("two state dicts by hand", _avg_hand), ("uniform average", _avg_uniform),
              ("three random state dicts", _avg_random)],
-    hidden=[("unnormalised weights", _avg_unnormalised), ("bfloat16 keeps its dtype", _avg_dtype),
-            ("bad input raises ValueError", _avg_errors)],
 ))
 
 
@@ -90,46 +68,18 @@ def _ta_negate(f):
     expect_close(f(base, [ft], [-1.0]), {"w": _t(-0.5, -1.5)}, "base - tau (negation)")
 
 
-def _ta_random(f):
-    base = {"x": torch.randn(3, 4), "y": torch.randn(2)}
-    fts = [{k: v + torch.randn_like(v) for k, v in base.items()} for _ in range(3)]
-    s = [0.3, 0.7, -0.2]
-    expected = {k: (base[k].double() + sum(si * (ft[k].double() - base[k].double()) for si, ft in zip(s, fts))).float()
-                for k in base}
-    expect_close(f(base, fts, s), expected, "three task vectors with scales 0.3, 0.7, -0.2")
-
-
-def _ta_zero(f):
-    base = {"x": torch.randn(5)}
-    fts = [{"x": torch.randn(5)}]
-    expect_close(f(base, fts, [0.0]), base, "scale 0 gives the base back")
-
-
-def _ta_errors(f):
-    base, ft = _sd(w=[0.0]), _sd(w=[1.0])
-    expect_raises(ValueError, f, base, [ft, ft], [1.0], what="2 fine-tunes but 1 scale")
-    expect_raises(ValueError, f, base, [_sd(v=[1.0])], [1.0], what="a fine-tune with other tensors than the base")
-
-
 register(Question(
     id="merge.task_arithmetic", notebook=NB, function="task_arithmetic", points=2,
-    description="theta_base + sum_i s_i (theta_i - theta_base) on state dicts",
+    description="theta_base + sum_i s_i (theta_i - theta_base) on state dicts; ValueError on a scale count "
+                "mismatch or a fine-tune with other tensors than the base",
+    groups={"core": 3, "errors": 1},
+    implemented_by=["labkit.merge.task_arithmetic", "labkit.merge.generalized_task_arithmetic",
+                    "labkit.merge.TaskVector", "labkit.merge.merge", "labkit.merge.merge_tensor"],
     visible=[("two task vectors by hand", _ta_hand), ("negation", _ta_negate)],
-    hidden=[("three random task vectors", _ta_random), ("scale 0", _ta_zero),
-            ("bad input raises ValueError", _ta_errors)],
 ))
 
 
 # ---- TIES: trim ----------------------------------------------------------------------------
-
-def _trim_ref(delta, density):
-    k = max(1, int(density * delta.numel()))
-    flat = delta.reshape(-1)
-    keep = flat.abs().argsort(descending=True, stable=True)[:k]
-    out = torch.zeros_like(flat)
-    out[keep] = flat[keep]
-    return out.view_as(delta)
-
 
 def _trim_hand(f):
     expect_close(f(_t(0.1, -0.9, 0.5, -0.3), 0.5), _t(0.0, -0.9, 0.5, 0.0), "top 2 of 4 by magnitude")
@@ -140,32 +90,18 @@ def _trim_2d(f):
     expect_close(f(d, 1 / 3), torch.tensor([[3.0, 0.0, 0.0], [-4.0, 0.0, 0.0]]), "top 2 of a [2, 3] delta")
 
 
-def _trim_random(f):
-    d = torch.randn(8, 25)
-    expect_close(f(d, 0.2), _trim_ref(d, 0.2), "top 20% of a random [8, 25] delta")
-
-
-def _trim_density_one(f):
-    d = torch.randn(10)
-    expect_close(f(d, 1.0), d, "density 1 keeps everything")
-
-
 def _trim_at_least_one(f):
     expect_close(f(_t(0.1, -0.9, 0.5, -0.3), 0.1), _t(0.0, -0.9, 0.0, 0.0),
-                 "density 0.1 of 4 entries keeps at least the largest one")
-
-
-def _trim_errors(f):
-    expect_raises(ValueError, f, torch.randn(4), 0.0, what="density 0")
-    expect_raises(ValueError, f, torch.randn(4), 1.5, what="density 1.5")
+                 "density 0.1 of 4 entries keeps at least the largest one (max(1, int(0.1 * 4)) = 1)")
 
 
 register(Question(
     id="merge.ties_trim", notebook=NB, function="ties_trim", points=1,
-    description="keep the max(1, int(density * numel)) largest-magnitude entries of a delta, zero the rest",
-    visible=[("by hand", _trim_hand), ("a 2-D delta", _trim_2d)],
-    hidden=[("random delta, density 0.2", _trim_random), ("density 1", _trim_density_one),
-            ("keeps at least one entry", _trim_at_least_one), ("bad density raises ValueError", _trim_errors)],
+    description="keep the max(1, int(density * numel)) largest-magnitude entries of a delta, zero the rest; "
+                "ValueError for a density outside (0, 1]",
+    groups={"core": 3, "errors": 1},
+    implemented_by=["labkit.merge.magnitude_trim", "labkit.merge.ties", "labkit.merge.merge_tensor"],
+    visible=[("by hand", _trim_hand), ("a 2-D delta", _trim_2d), ("keeps at least one entry", _trim_at_least_one)],
 ))
 
 
@@ -182,33 +118,16 @@ def _elect_mass(f):
     expect_close(f(deltas), _t(-1.0, 1.0), "the sign of the total mass, not the majority count")
 
 
-def _elect_random(f):
-    deltas = torch.randn(4, 6, 5)
-    expect_close(f(deltas), torch.where(deltas.sum(0) >= 0, 1.0, -1.0), "elected signs of 4 random [6, 5] deltas")
-
-
-def _elect_dtype(f):
-    deltas = torch.randn(3, 7, dtype=D)
-    got = f(deltas)
-    expect_true(got.dtype == D, f"float64 deltas must give float64 signs, got {got.dtype}")
-    expect_close(got, torch.where(deltas.sum(0) >= 0, 1.0, -1.0).to(D), "elected signs in float64")
-
-
 register(Question(
     id="merge.ties_elect", notebook=NB, function="ties_elect", points=1,
-    description="sign of sum_i delta_i per entry, +1 where the sum is 0; deltas [M, ...] -> [...]",
+    description="sign of sum_i delta_i per entry, +1 where the sum is 0, in the deltas' dtype; deltas [M, ...] -> [...]",
+    groups={"core": 1},
+    implemented_by=["labkit.merge.elect_sign", "labkit.merge.ties", "labkit.merge.merge_tensor"],
     visible=[("by hand", _elect_hand), ("mass beats count", _elect_mass)],
-    hidden=[("random [4, 6, 5]", _elect_random), ("keeps the dtype", _elect_dtype)],
 ))
 
 
 # ---- TIES: disjoint mean ---------------------------------------------------------------------
-
-def _dm_ref(deltas, sign):
-    agree = (deltas.sign() == sign).to(deltas.dtype)
-    count = agree.sum(0)
-    return (deltas * agree).sum(0) / count.clamp(min=1)
-
 
 def _dm_hand(f):
     deltas = torch.tensor([[3.0, 0.0, 0.0, -2.0], [0.0, 2.0, 0.0, -4.0], [2.0, -3.0, 0.0, 0.0]])
@@ -221,69 +140,44 @@ def _dm_zeros_dont_count(f):
     expect_close(f(deltas, _t(1.0)), _t(4.0), "zeros (trimmed entries) are not averaged in")
 
 
-def _dm_random(f):
-    deltas = torch.randn(5, 4, 3)
-    deltas[deltas.abs() < 0.5] = 0.0
-    sign = torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
-    expect_close(f(deltas, sign), _dm_ref(deltas, sign), "disjoint mean of 5 random [4, 3] deltas")
-
-
-def _dm_none_agree(f):
-    deltas = torch.tensor([[-1.0, 0.0], [-2.0, 0.0]])
-    expect_close(f(deltas, _t(1.0, 1.0)), _t(0.0, 0.0), "no agreeing delta gives 0 (no division by zero)")
-
-
 register(Question(
     id="merge.ties_disjoint_mean", notebook=NB, function="ties_disjoint_mean", points=1,
     description="per entry, the mean of the deltas whose sign equals the elected sign (0 if none)",
+    groups={"core": 1},
+    implemented_by=["labkit.merge.ties", "labkit.merge.generalized_task_arithmetic", "labkit.merge.merge_tensor"],
     visible=[("by hand", _dm_hand), ("zeros are not averaged in", _dm_zeros_dont_count)],
-    hidden=[("random deltas", _dm_random), ("no agreeing delta", _dm_none_agree)],
 ))
 
 
 # ---- greedy soup -----------------------------------------------------------------------------
 
-def _scalar_models(*values):
+def scalar_models(*values):
     return [{"w": torch.tensor([v])} for v in values]
 
 
-def _closeness(target):
-    return lambda sd: -abs(float(sd["w"][0]) - target)
+def closeness(target):
+    """The soup's score: minus the distance of its one weight from ``target`` (sent to the kernel by name)."""
+    return DeclaredCallable("closeness", target=target)
 
 
 def _soup_hand(f):
-    soup, chosen = f(_scalar_models(0.0, 1.5, 0.8, 3.0), _closeness(1.0))
+    soup, chosen = f(scalar_models(0.0, 1.5, 0.8, 3.0), closeness(1.0))
     # by own score: 0.8, 1.5, 0.0, 3.0; adding 1.5 gives 1.15 (better), then 0.0 (0.767) and 3.0 (1.77) are worse
     expect_equal(list(chosen), [2, 1], "chosen indices, in the order they were added")
     expect_close(soup["w"], _t(1.15), "the soup's weight")
 
 
 def _soup_starts_with_best(f):
-    soup, chosen = f(_scalar_models(5.0, 0.9, 2.0), _closeness(1.0))
+    soup, chosen = f(scalar_models(5.0, 0.9, 2.0), closeness(1.0))
     expect_equal(list(chosen), [1], "only the best model (every addition makes it worse)")
     expect_close(soup["w"], _t(0.9), "the soup is the best model")
 
 
-def _soup_ties_kept(f):
-    soup, chosen = f(_scalar_models(2.0, 0.0), lambda sd: 1.0)
-    expect_equal(len(chosen), 2, "number of chosen models when adding one leaves the score unchanged (>= keeps it)")
-    expect_close(soup["w"], _t(1.0), "the soup's weight")
-
-
-def _soup_uniform_average(f):
-    soup, chosen = f(_scalar_models(1.0, 1.2, 0.7, 1.3), _closeness(1.0))
-    # own scores: 1.0, 1.2 (-.2), 1.3 (-.3), 0.7 (-.3, later index): 1.0; +1.2 -> 1.1 worse than 1.0
-    expect_equal(list(chosen), [0], "chosen indices")
-    soup, chosen = f(_scalar_models(0.6, 1.2, 1.6, 0.7), _closeness(1.0))
-    # own: 1.2 (-.2), 0.7 (-.3), 0.6 (-.4), 1.6 (-.6); 1.2 -> +0.7 = 0.95 keep -> +0.6 = .833 worse -> +1.6 = 1.1667 worse
-    expect_equal(list(chosen), [1, 3], "chosen indices")
-    expect_close(soup["w"], _t(0.95), "the soup's weight (a uniform average of the chosen models)")
-
-
 register(Question(
     id="merge.greedy_soup", notebook=NB, function="greedy_soup", points=2,
-    description="sort by own score; add a model to the uniform average only if the score does not drop; "
-                "return (soup_state_dict, chosen_indices)",
+    description="sort by own score; add a model to the uniform average only if the score does not drop (a tie "
+                "keeps it); return (soup_state_dict, chosen_indices)",
+    groups={"core": 3, "ties": 1},
+    implemented_by=["labkit.merge.greedy_soup"],
     visible=[("by hand", _soup_hand), ("starts with the best model", _soup_starts_with_best)],
-    hidden=[("a tie keeps the model", _soup_ties_kept), ("uniform average of the chosen", _soup_uniform_average)],
 ))
