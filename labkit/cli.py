@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import os
+import signal
 import sys
 
 
@@ -13,7 +16,9 @@ def _zoo(args) -> int:
         zoo.print_listing()
     elif args.zoo_cmd == "verify":
         bad = zoo.verify_all()
-        return 1 if bad else 0
+        if bad:
+            raise zoo.ZooError(f"{len(bad)} entr{'y' if len(bad) == 1 else 'ies'} failed verification: "
+                               f"{', '.join(bad)} (see the FAIL lines above)")
     elif args.zoo_cmd == "build":
         names = zoo.resolve_names(args.names)
         for name in names:
@@ -27,9 +32,22 @@ def _release(args) -> int:
     return release_cli(args)
 
 
+def _positive(value, option: str, kind=float):
+    """``value`` if it is a positive finite number (a whole one for ``kind=int``), else ValueError naming ``option``."""
+    if value is None:
+        return None
+    if not (math.isfinite(value) and value > 0 and kind(value) == value):
+        what = "a positive whole number" if kind is int else "a positive number of seconds"
+        raise ValueError(f"{option} must be {what}, got {value:g}")
+    return kind(value)
+
+
 def _grade(args) -> int:
     from .grading.grade import grade_cli
 
+    args.cell_timeout = _positive(args.cell_timeout, "--cell-timeout")
+    args.timeout = _positive(args.timeout, "--timeout")
+    args.jobs = _positive(args.jobs, "--jobs", int)
     return grade_cli(args)
 
 
@@ -55,6 +73,11 @@ def _bench(args) -> int:
     from .benchmarks import BENCHMARKS, run_benchmark
 
     names = BENCHMARKS if args.name == "all" else [args.name]
+    out = os.path.abspath(args.out)
+    while not os.path.exists(out):  # check --out now, not after minutes of benchmarking
+        out = os.path.dirname(out)
+    if not os.path.isdir(out) or not os.access(out, os.W_OK):
+        raise ValueError(f"--out {args.out!r}: {out} is not a writable folder")
     for name in names:
         run_benchmark(name, smoke=args.smoke, out_dir=args.out)
     return 0
@@ -64,12 +87,45 @@ def _merge(args) -> int:
     from .merge import run_merge_config
 
     run_merge_config(args.config, args.out_dir, device=args.device, force=args.force,
-                     allow_pickle=args.allow_pickle)
+                     allow_pickle=args.allow_pickle, allow_nonfinite=args.allow_nonfinite,
+                     allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
     return 0
 
 
+def _device_arg(value: str) -> str:
+    """--device: refused at parse time when this machine does not have it (no traceback later)."""
+    from .merge.yaml_runner import parse_device
+
+    try:
+        parse_device(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace(f"--device {value!r}: ", "")) from None
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, exit 2 (argparse prints the whole usage block otherwise)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _describe(e: BaseException) -> str:
+    """One line saying what went wrong, without a traceback."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EFBIG: "file too large (a file size limit, see ulimit -f)"}[e.errno]
+        return f"{what}{f' writing {e.filename}' if e.filename else ''}; nothing was left half-written"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}{f': {e.filename}' if e.filename else ''}"
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, (ValueError, RuntimeError, LookupError)) and type(e).__module__.startswith(("labkit", "builtins")):
+        return text
+    return f"{type(e).__name__}: {text} (unexpected; LABKIT_DEBUG=1 shows the traceback)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="labkit", description="labkit: a lab kit on combining models")
+    p = _Parser(prog="labkit", description="labkit: a lab kit on combining models")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     z = sub.add_parser("zoo", help="list, verify or rebuild the model zoo")
@@ -78,19 +134,26 @@ def build_parser() -> argparse.ArgumentParser:
     zsub.add_parser("verify", help="check every shipped file against the manifest's SHA-256")
     zb = zsub.add_parser("build", help="rebuild entries from their recipes (fast on a GPU)")
     zb.add_argument("names", nargs="+", help="entry names, a prefix such as 'digits/', or 'all'")
-    zb.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    zb.add_argument("--device", default=None, type=_device_arg, help="cuda, mps or cpu (default: best available)")
     zb.add_argument("--force", action="store_true", help="rebuild entries that already exist")
     z.set_defaults(func=_zoo)
 
     r = sub.add_parser("release", help="write student versions of the solution notebooks")
-    r.add_argument("notebooks", nargs="*", help="solution notebooks (default: notebooks/*.ipynb)")
-    r.add_argument("--out", default="release", help="output folder (default: release/)")
+    r.add_argument("notebooks", nargs="*", help="solution notebooks (default: the kit's notebooks/*.ipynb)")
+    r.add_argument("--out", default=None, help="output folder (default: release/ of the kit's checkout)")
+    r.add_argument("--url", default=None,
+                   help="GitHub folder the release is published to, https://github.com/OWNER/REPO/tree/BRANCH/FOLDER "
+                        "(Colab badges and the install cell point there; default: [tool.labkit] release-url, "
+                        "else the repository's release/ folder)")
     r.add_argument("--force", action="store_true", help="overwrite existing files in --out")
     r.set_defaults(func=_release)
 
     g = sub.add_parser("grade", help="grade student submissions")
-    g.add_argument("submissions", nargs="+", help="submitted notebooks")
-    g.add_argument("--out", required=True, help="folder for grades.csv and feedback files")
+    g.add_argument("submissions", nargs="+",
+                   help="submitted notebooks, or folders of them (STUDENT/LAB.ipynb or STUDENT_LAB.ipynb)")
+    g.add_argument("--out", required=True, help="folder for gradebook.csv, grades.csv, report.md and feedback/")
+    g.add_argument("--roster", default=None,
+                   help="CSV with the class: id, name, aliases (file-name aliases; default: names from the files)")
     g.add_argument("--cell-timeout", type=float, default=120.0, help="seconds per cell (default 120)")
     g.add_argument("--timeout", type=float, default=900.0, help="seconds per notebook (default 900)")
     g.add_argument("--jobs", type=int, default=None, help="parallel graders (default: CPU cores)")
@@ -114,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="print versions, device and mode; warn about untested versions")
     d.set_defaults(func=_doctor)
 
-    b = sub.add_parser("bench", help="run a benchmark: ensemble, merge, moe or all")
-    b.add_argument("name", choices=["ensemble", "merge", "moe", "all"])
+    b = sub.add_parser("bench", help="run a benchmark: ensemble, merge, moe, distill or all")
+    b.add_argument("name", choices=["ensemble", "merge", "moe", "distill", "all"])
     b.add_argument("--smoke", action="store_true", help="tiny sizes, to check that it runs")
     b.add_argument("--out", default="bench/results", help="folder for the JSON results")
     b.set_defaults(func=_bench)
@@ -123,26 +186,38 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge checkpoints from a mergekit-style YAML config")
     m.add_argument("config", help="mergekit-style YAML file")
     m.add_argument("out_dir", help="output model directory")
-    m.add_argument("--device", default=None, help="device for the arithmetic (default: best available)")
-    m.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    m.add_argument("--device", default=None, type=_device_arg,
+                   help="device for the arithmetic (default: best available)")
+    m.add_argument("--force", action="store_true",
+                   help="replace OUT_DIR if it is a previous merge output (never any other folder)")
     m.add_argument("--allow-pickle", action="store_true",
                    help="allow reading pytorch_model*.bin files (unpickling runs code: trust the source)")
+    m.add_argument("--allow-nonfinite", action="store_true",
+                   help="merge even if a tensor holds NaN or inf (refused by default, naming the tensor)")
+    m.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="merge models whose tokenizers map tokens to different ids (refused by default)")
     m.set_defaults(func=_merge)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = os.environ.get("LABKIT_DEBUG") == "1"
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as e:
-        # bad input (a config, a path, a zoo entry) is the user's to fix: say what, without a traceback
-        if os.environ.get("LABKIT_DEBUG") == "1":
+    except KeyboardInterrupt as e:  # also labkit.merge's MergeInterrupted (SIGTERM, SIGHUP)
+        if debug:
             raise
-        print(f"labkit {args.cmd}: error: {e}", file=sys.stderr)
+        signum = getattr(e, "signum", signal.SIGINT)
+        kept = "; OUT_DIR was left as it was" if args.cmd == "merge" else ""
+        print(f"labkit {args.cmd}: interrupted by {signal.Signals(signum).name}{kept}", file=sys.stderr)
+        return 128 + signum
+    except Exception as e:
+        # bad input (a config, a path, a zoo entry) or a full disk is the user's to fix: say what, in
+        # one line; LABKIT_DEBUG=1 keeps the traceback for bugs
+        if debug:
+            raise
+        print(f"labkit {args.cmd}: error: {_describe(e)}", file=sys.stderr)
         return 2
 
 

@@ -191,15 +191,46 @@ def info(name: str) -> dict:
     return entry
 
 
-def verify(name: str) -> None:
-    """Check every file of ``name`` against the manifest; raise ZooError naming the first bad file."""
+# The files each kind of recipe writes that a model cannot load without (``build`` lists whatever
+# the save wrote; these must be among them).
+RECIPE_FILES = {"lm": ("config.json", "model.safetensors", "tokenizer.json"),
+                "digits": ("classifier.json", "model.safetensors")}
+
+
+def check_files(name: str) -> None:
+    """The entry's folder holds exactly the files its manifest entry lists, and the list holds
+    every file its recipe produces; raise ZooError naming the first file that is not so."""
     entry = info(name)
     directory = path(name)
+    listed = entry.get("files")
+    if not isinstance(listed, dict):
+        raise ZooError(f"zoo entry {name!r}: the manifest has no file list; rebuild with `labkit zoo build {name}`")
+    for fname in RECIPE_FILES[RECIPES[name]["kind"]]:
+        if fname not in listed:
+            raise ZooError(f"zoo entry {name!r}: the manifest does not list {fname}, which its recipe produces: "
+                           f"the manifest was edited or is damaged. Restore data/zoo/manifest.json from git "
+                           f"or rebuild with `labkit zoo build {name} --force`")
+    if not directory.is_dir():
+        raise ZooError(f"zoo entry {name!r}: folder {directory} is missing; restore it from git "
+                       f"(`git checkout -- {directory}`) or rebuild with `labkit zoo build {name}`")
+    for fname in listed:
+        if not (directory / fname).is_file():
+            raise ZooError(f"zoo entry {name!r}: file {directory / fname} is missing; restore it from git "
+                           f"(`git checkout -- {directory / fname}`) or rebuild with `labkit zoo build {name}`")
+    unlisted = sorted(p.name for p in directory.iterdir() if p.name not in listed)
+    if unlisted:
+        raise ZooError(f"zoo entry {name!r}: {directory / unlisted[0]} is not in the manifest (a zoo folder holds "
+                       "only the files its entry lists, so nothing foreign is loaded with the model); "
+                       "remove it or rebuild the entry")
+
+
+def verify(name: str) -> None:
+    """Check the entry's files against the manifest: exactly the listed files (``check_files``),
+    each with the listed SHA-256. Raise ZooError naming the first bad file."""
+    check_files(name)
+    entry, directory = info(name), path(name)
     for fname, expected in entry["files"].items():
         fpath = directory / fname
-        if not fpath.exists():
-            raise ZooError(f"zoo entry {name!r}: file {fpath} is missing; restore it from git "
-                           f"(`git checkout -- {fpath}`) or rebuild with `labkit zoo build {name}`")
         got = sha256_file(fpath)
         if got != expected:
             raise ZooError(f"zoo entry {name!r}: {fpath} has SHA-256 {got[:16]}..., but the manifest says "
@@ -232,6 +263,8 @@ def load(name: str, device=None, verify_hash: bool = True):
         path(name)
     if verify_hash:
         verify(name)
+    else:
+        check_files(name)  # cheap, and what is loaded must still be what the manifest lists
     device = torch.device(device) if device is not None else get_device()
     if recipe["kind"] == "lm":
         from transformers import AutoModelForCausalLM

@@ -177,7 +177,7 @@ def test_check_wrong_answer_scores_by_group_with_a_core_group_first(demo_questio
     def forgets_t(x, t=1.0):
         return torch.softmax(x, -1)
 
-    r = check("zztest.softmax", forgets_t, hidden=True)
+    r = check("zztest.softmax", forgets_t, hidden=True, strict=False)
     out = capsys.readouterr().out
     # one core case fails: nothing counts, not even a passing non-core case
     assert out.splitlines()[0] == "✗ zztest.softmax: 1/3 cases (visible + hidden) passed, 0/3 points"
@@ -185,7 +185,7 @@ def test_check_wrong_answer_scores_by_group_with_a_core_group_first(demo_questio
     assert "✗ T=0 raises [hidden]: expected ValueError for T=0, but nothing was raised" in out
     assert r.points == 0.0 and "Traceback" not in out
 
-    r = check("zztest.softmax", lambda x, t=1.0: torch.softmax(x / t, -1), hidden=True)  # core right, no error
+    r = check("zztest.softmax", lambda x, t=1.0: torch.softmax(x / t, -1), hidden=True, strict=False)  # core only
     assert (r.passed, r.points) == (2, 2.0)  # the core group's weight 2 of 3
 
 
@@ -242,7 +242,7 @@ def test_check_not_implemented_is_one_line(demo_question, capsys):
     def stub(x, t=1.0):
         raise NotImplementedError("TODO: implement softmax()")
 
-    r = check("zztest.softmax", stub, hidden=True)
+    r = check("zztest.softmax", stub, hidden=True, strict=False)
     assert capsys.readouterr().out.strip() == "✗ zztest.softmax: not implemented yet, 0/3 cases (visible + hidden) passed, 0/3 points"
     assert r.cases[0].status == "todo" and r.points == 0
 
@@ -284,6 +284,17 @@ def test_check_strict_mode_raises_after_printing(demo_question, monkeypatch, cap
         check("zztest.softmax", lambda x, t=1.0: x)
     assert "✗ basic" in capsys.readouterr().out
     check("zztest.softmax", _good)  # a passing check never raises
+
+
+def test_hidden_check_raises_after_printing_so_nbgrader_scores_a_wrong_answer_zero(demo_question, capsys):
+    # nbgrader gives a graded test cell full marks unless it raises: the hidden cells must raise
+    with pytest.raises(AssertionError, match="zztest.softmax: 1/3 cases passed"):
+        check("zztest.softmax", lambda x, t=1.0: torch.softmax(x, -1), hidden=True)
+    assert "✗ temperature" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="0/3 cases passed"):
+        check("zztest.softmax", lambda x, t=1.0: (_ for _ in ()).throw(NotImplementedError()), hidden=True)
+    assert check("zztest.softmax", _good, hidden=True).ok  # a right answer never raises
+    assert not check("zztest.softmax", lambda x, t=1.0: x).ok  # the visible check is a learning aid: no raise
 
 
 def test_result_display_is_silent_and_repr_is_short(demo_question, capsys):
@@ -364,7 +375,7 @@ def test_welcome_questions_accept_a_correct_answer_and_reject_a_wrong_one(capsys
     for qid, fn in [("welcome.softmax", softmax_t), ("welcome.accuracy", accuracy),
                     ("welcome.average_probs", average_probs), ("welcome.agreement", agreement)]:
         assert check(qid, fn, hidden=True).ok, capsys.readouterr().out
-    naive = check("welcome.softmax", lambda z, temperature=1.0: z.div(temperature).exp() / z.div(temperature).exp().sum(-1, keepdim=True), hidden=True)
+    naive = check("welcome.softmax", lambda z, temperature=1.0: z.div(temperature).exp() / z.div(temperature).exp().sum(-1, keepdim=True), hidden=True, strict=False)
     assert [c.name for c in naive.cases if not c.passed] == ["large logits stay finite", "T <= 0 raises ValueError"]
 
 
@@ -416,9 +427,13 @@ def test_hidden_check_needs_the_instructor_bank(tmp_path):
     import sys
 
     code = ("import torch\nfrom labkit.grading import check, instructor_bank\n"
-            "r = check('welcome.agreement', lambda a, b: (a == b).double().mean().item(), hidden=True)\n"
-            "print('bank', instructor_bank(), 'cases', r.total)")
+            "f = lambda a, b: (a == b).double().mean().item()\n"
+            "r = check('welcome.agreement', f, hidden=True, strict=False)\n"
+            "print('bank', instructor_bank(), 'cases', r.total)\n"
+            "try:\n    check('welcome.agreement', f, hidden=True)\nexcept AssertionError as e:\n    print('raised:', e)")
     env = dict(os.environ, LABKIT_BANK=str(tmp_path / "no-bank-here"))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
     assert "only available where the instructor bank is present" in out
     assert "bank None cases 1" in out  # only the visible case ran
+    # a strict (nbgrader) hidden check must not pass tests it could not run
+    assert "raised: welcome.agreement: the hidden cases could not run (no instructor bank)" in out

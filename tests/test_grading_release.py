@@ -7,7 +7,10 @@ import nbformat
 import pytest
 
 from labkit.grading import notebook_tools as nt
-from labkit.grading.release import release, release_cli, student_version
+from labkit.cli import main
+from labkit.course import repo_url
+from labkit.grading import release as release_mod
+from labkit.grading.release import ReleaseURL, release, release_cli, release_url, student_version
 
 SOLUTION = '''
 def softmax(logits, temperature=1.0):
@@ -110,6 +113,8 @@ def _source_notebook(path: Path, extra_cells=()) -> Path:
         *extra_cells,
     ]
     nb = nt.new_notebook("00_welcome", cells)
+    for c in nb.cells[:2]:  # badge and install cell of the fake kit of _kit()
+        c.source = c.source.replace(repo_url().removeprefix("https://github.com/"), "teach/kit")
     for c in nb.cells:  # pretend it was executed
         if c.cell_type == "code":
             c.execution_count = 3
@@ -155,7 +160,7 @@ def test_release_refuses_to_overwrite_without_force(tmp_path, capsys):
     assert "released" in capsys.readouterr().out
     target = tmp_path / "rel" / "00_welcome.ipynb"
     target.write_text("student edits")
-    assert release_cli(args) == 1
+    assert release_cli(args) == 2
     assert "exists; pass --force" in capsys.readouterr().err
     assert target.read_text() == "student edits"
     args.force = True
@@ -177,26 +182,121 @@ def test_release_unbalanced_markers_names_notebook_and_cell_and_writes_nothing(t
     bad_cell.metadata["nbgrader"] = {"grade_id": "f_solution", "solution": True}
     bad = _source_notebook(tmp_path / "b" / "01_bad.ipynb", [bad_cell])
     args = SimpleNamespace(notebooks=[str(good), str(bad)], out=str(tmp_path / "rel"), force=False)
-    assert release_cli(args) == 1
+    assert release_cli(args) == 2
     err = capsys.readouterr().err
     n = len(nbformat.read(bad, as_version=4).cells)
     assert f"01_bad.ipynb, cell {n} (grade_id 'f_solution'): '### BEGIN SOLUTION' on line 2 has no matching" in err
     assert not (tmp_path / "rel").exists()
 
 
-def test_release_default_notebooks_and_errors(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    args = SimpleNamespace(notebooks=[], out="release", force=False)
+def _kit(root: Path, release_url_setting: str | None = None) -> Path:
+    """A fake kit checkout: pyproject.toml with the repository URL (and a release-url setting)."""
+    text = '[project]\nname = "x"\n[project.urls]\nRepository = "https://github.com/teach/kit"\n'
+    if release_url_setting:
+        text += f'[tool.labkit]\nrelease-url = "{release_url_setting}"\n'
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "pyproject.toml").write_text(text)
+    return root
+
+
+def test_release_defaults_come_from_the_kit_checkout_whatever_the_directory(tmp_path, monkeypatch, capsys):
+    kit = _kit(tmp_path / "kit")
+    monkeypatch.setattr(release_mod, "ROOT", kit)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    args = SimpleNamespace(notebooks=[], out=None, force=False, url=None)
     assert release_cli(args) == 2
-    assert "none found in notebooks/" in capsys.readouterr().err
-    _source_notebook(tmp_path / "notebooks" / "00_welcome.ipynb")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"none found in {kit / 'notebooks'}/" in err
+    _source_notebook(kit / "notebooks" / "00_welcome.ipynb")
     assert release_cli(args) == 0
-    assert (tmp_path / "release" / "00_welcome.ipynb").exists()
-    assert release_cli(SimpleNamespace(notebooks=["missing.ipynb"], out="r2", force=False)) == 1
-    assert "missing.ipynb: no such notebook" in capsys.readouterr().err
+    out = capsys.readouterr().out
+    nb = nbformat.read(kit / "release" / "00_welcome.ipynb", as_version=4)
+    assert not (elsewhere / "release").exists()
+    text = "\n".join(c.source for c in nb.cells)
+    assert "https://colab.research.google.com/github/teach/kit/blob/main/release/00_welcome.ipynb" in text
+    assert '"git", "clone", "--depth", "1", "https://github.com/teach/kit", "labkit-repo"' in text
+    assert "labkit-course" not in text and "/notebooks/" not in text
+    assert "also holds the solution notebooks" in out  # the default clones the instructor's repository
+
+
+def test_release_url_option_and_setting_point_badges_and_install_cell_at_the_release(tmp_path, monkeypatch):
+    src = _source_notebook(tmp_path / "src" / "00_welcome.ipynb")
+    kit = _kit(tmp_path / "kit", "https://github.com/course/student-kit/tree/fall/labs")
+    monkeypatch.setattr(release_mod, "ROOT", kit)
+    release([src], tmp_path / "a")  # the [tool.labkit] setting
+    text = "\n".join(c.source for c in nbformat.read(tmp_path / "a" / "00_welcome.ipynb", as_version=4).cells)
+    assert "(https://colab.research.google.com/github/course/student-kit/blob/fall/labs/00_welcome.ipynb)" in text
+    assert '"https://github.com/course/student-kit", "labkit-repo"' in text
+    # --url wins over the setting (through the CLI, from another directory)
+    monkeypatch.chdir(tmp_path)
+    assert main(["release", str(src), "--out", "b", "--url", "https://github.com/o/r"]) == 0
+    text = "\n".join(c.source for c in nbformat.read(tmp_path / "b" / "00_welcome.ipynb", as_version=4).cells)
+    assert "https://colab.research.google.com/github/o/r/blob/main/release/00_welcome.ipynb" in text
+    assert '"https://github.com/o/r", "labkit-repo"' in text and "student-kit" not in text
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("https://github.com/o/r", ReleaseURL("o/r", "main", "release")),
+    ("https://github.com/o/r.git", ReleaseURL("o/r", "main", "release")),
+    ("https://github.com/o/r/tree/dev", ReleaseURL("o/r", "dev", "")),
+    ("https://github.com/o/r/tree/dev/a/b/", ReleaseURL("o/r", "dev", "a/b")),
+])
+def test_release_url_parsing(url, expected):
+    assert ReleaseURL.parse(url) == expected
+    assert expected.colab("01_x").endswith(f"/{expected.branch}/" + (f"{expected.path}/" if expected.path else "")
+                                           + "01_x.ipynb")
+
+
+def test_release_errors_are_one_line_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys):
+    src = _source_notebook(tmp_path / "00_welcome.ipynb")
+    monkeypatch.setattr(release_mod, "ROOT", _kit(tmp_path / "kit"))
+    monkeypatch.chdir(tmp_path)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
     (tmp_path / "broken.ipynb").write_text("{not json")
-    assert release_cli(SimpleNamespace(notebooks=["broken.ipynb"], out="r2", force=False)) == 1
-    assert "broken.ipynb: not a readable notebook" in capsys.readouterr().err
+    cases = [
+        ([str(src), "--out", "r", "--url", "https://gitlab.com/o/r"], "is not a GitHub repository or folder URL"),
+        ([str(src), "--out", "r", "--url", "https://github.com/teach/kit/tree/main/notebooks"],
+         "is the folder of the solution notebooks"),
+        ([str(src), "--out", str(a_file)], "a_file is a file, not a folder"),
+        (["missing.ipynb", "--out", "r"], "missing.ipynb: no such notebook"),
+        (["broken.ipynb", "--out", "r"], "broken.ipynb: not a readable notebook"),
+    ]
+    for argv, message in cases:
+        assert main(["release", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("labkit release: error: ") and message in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "r").exists() and a_file.read_text() == "keep me"
+    monkeypatch.setattr(release_mod, "ROOT", _kit(tmp_path / "kit2", "ftp://nowhere"))
+    assert main(["release", str(src), "--out", "r"]) == 2
+    assert "[tool.labkit] release-url: release URL 'ftp://nowhere'" in capsys.readouterr().err
+    monkeypatch.setenv("LABKIT_DEBUG", "1")  # the debug switch keeps the traceback
+    with pytest.raises(ValueError, match="ftp://nowhere"):
+        main(["release", str(src), "--out", "r"])
+    monkeypatch.delenv("LABKIT_DEBUG")
+    monkeypatch.setattr(release_mod, "ROOT", tmp_path / "site-packages")  # a wheel: no checkout
+    assert main(["release", str(src), "--url", "https://github.com/o/r"]) == 2
+    assert "give --out DIR: labkit is not installed from a checkout" in capsys.readouterr().err
+
+
+def test_colab_links_to_other_repositories_are_left_alone(tmp_path):
+    other = "https://colab.research.google.com/github/someone/paper/blob/main/demo.ipynb"
+    src = _source_notebook(tmp_path / "00_welcome.ipynb", [nt.markdown(f"See [a demo]({other}).")])
+    (r,) = release([src], tmp_path / "rel", url="https://github.com/course/student", root=_kit(tmp_path / "kit"))
+    text = "\n".join(c.source for c in r.nb.cells)
+    assert other in text
+    assert "https://colab.research.google.com/github/course/student/blob/main/release/00_welcome.ipynb" in text
+
+
+def test_a_link_to_the_solutions_left_in_a_cell_is_refused(tmp_path):
+    link = nt.markdown("See [the solution](https://github.com/teach/kit/blob/main/notebooks/00_welcome.ipynb).")
+    src = _source_notebook(tmp_path / "00_welcome.ipynb", [link])
+    with pytest.raises(ValueError, match=r"cell \d+ links to the solution notebooks"):
+        release([src], tmp_path / "rel", url="https://github.com/teach/kit", root=_kit(tmp_path / "kit"))
+    assert not (tmp_path / "rel").exists()
 
 
 def test_student_version_does_not_modify_its_input():
@@ -214,3 +314,15 @@ def test_the_shipped_welcome_notebook_releases_cleanly(tmp_path):
     assert r.solutions == 4 and r.hidden_cells == 4
     nb = nbformat.read(src, as_version=4)
     assert nb.metadata["labkit"]["notebook"] == "00_welcome"
+
+
+def test_every_shipped_notebook_releases_pointing_at_the_release(tmp_path):
+    sources = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+    url = release_url()  # the kit's own setting
+    done = release(sources, tmp_path)
+    assert len(done) == len(sources) >= 4
+    for r in done:
+        text = "\n".join(c.source for c in r.nb.cells)
+        assert url.colab(r.source.stem) in text, r.source  # its badge opens the released notebook
+        assert f'"{url.clone_url}", "labkit-repo"' in text
+        assert "/notebooks/" not in text and "HIDDEN TESTS" not in text and "BEGIN SOLUTION" not in text

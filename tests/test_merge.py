@@ -423,3 +423,32 @@ def test_align_digit_mlp():
     shuffled = M.load_merged(a, M.permute_linear_chain(a.state_dict(), names, perms))
     back = M.align_mlp(a, shuffled)
     assert all(torch.allclose(back.state_dict()[k], v) for k, v in a.state_dict().items())
+
+
+def test_a_new_method_is_one_registry_entry(monkeypatch):
+    """Registering a MergeMethod is all it takes: merge() resolves, validates and applies it."""
+    from labkit.merge.registry import Param
+
+    def midpoint(base, tensors, params, model_params):  # theta_base + alpha (mean_i theta_i - theta_base)
+        return base + params["alpha"] * (sum(tensors) / len(tensors) - base)
+
+    entry = M.MergeMethod("midpoint", (Param("alpha", 0.5, low=0.0, high=1.0),), needs_base=True, min_models=1,
+                          combine=midpoint)
+    monkeypatch.setitem(M.METHODS, "midpoint", entry)
+    base, a, b = {"w": t(0.0, 2.0)}, {"w": t(2.0, 2.0)}, {"w": t(4.0, -2.0)}
+    close(M.merge("midpoint", [a, b], base)["w"], [1.5, 1.0])          # mean (3, 0); halfway from (0, 2)
+    close(M.merge("midpoint", [a, b], base, alpha=1.0)["w"], [3.0, 0.0])
+    with pytest.raises(ValueError, match=r"'alpha' must be in \[0, 1\], not 2"):
+        M.merge("midpoint", [a, b], base, alpha=2)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        M.merge("midpoint", [a, b], base, density=0.5)
+    with pytest.raises(ValueError, match="needs a base model"):
+        M.merge("midpoint", [a, b])
+
+
+def test_every_declared_parameter_has_a_type_and_its_default_is_valid():
+    for method in M.METHODS.values():
+        for p in method.parameters:
+            assert p.kind in ("number", "bool"), (method.name, p.name)
+            if p.default is not M.REQUIRED:
+                assert p.check(p.default) == p.default, (method.name, p.name)

@@ -13,7 +13,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from labkit import merge as M
-from labkit.merge_io import ModelDir, evaluate_setting, layer_position, run_merge_config
+from labkit.merge.safetensors_io import ModelDir
+from labkit.merge.yaml_runner import evaluate_setting, layer_position, run_merge_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,14 +25,27 @@ def tiny_config(**overrides):
     return transformers.LlamaConfig(**{**kw, **overrides})
 
 
+def write_tokenizer(folder: Path, order=None) -> None:
+    """A real 32-token word-level tokenizer.json (``order`` permutes which id each token gets)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    tokens = ["<unk>"] + [f"w{i}" for i in range(31)]
+    ids = list(range(32)) if order is None else list(order)
+    Tokenizer(WordLevel(dict(zip(tokens, ids)), unk_token="<unk>")).save(str(folder / "tokenizer.json"))
+
+
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
+    return tiny_llamas(tmp_path_factory.mktemp("tiny_llamas"))
+
+
+def tiny_llamas(root: Path) -> Path:
     """base, three fine-tunes of it (small perturbations), and broken variants."""
-    root = tmp_path_factory.mktemp("tiny_llamas")
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(tiny_config())
     base.save_pretrained(root / "base")
-    (root / "base" / "tokenizer.json").write_text('{"fake": "tokenizer"}')
+    write_tokenizer(root / "base")
     (root / "base" / "tokenizer_config.json").write_text("{}")
     base_weights = {k: v.clone() for k, v in base.state_dict().items()}
     for i in range(3):
@@ -131,7 +145,7 @@ def test_every_method_end_to_end(zoo, tmp_path, method):
     out = run_merge_config(path, tmp_path / "out", verbose=False)
     assert_same(read_dir(out), expected(zoo))
     if method not in ("linear", "slerp"):  # the tokenizer comes from the base (else the first model)
-        assert (out / "tokenizer.json").read_text() == '{"fake": "tokenizer"}'
+        assert (out / "tokenizer.json").read_bytes() == (zoo / "base" / "tokenizer.json").read_bytes()
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert (out / "mergekit_config.yml").exists()
 
@@ -225,17 +239,17 @@ REFUSALS = [
     (_ties(modules={}), "modules"),
     (_ties(frobnicate=1), "frobnicate"),
     (_ties(merge_method="della"), "merge_method 'della' is not supported"),
-    (_ties(parameters={"densty": 0.5}), "unknown parameter 'densty'"),
-    ({k: v for k, v in _ties().items() if k != "base_model"}, "needs a 'base_model'"),
+    (_ties(parameters={"densty": 0.5}), r"unknown parameter\(s\) \['densty'\]"),
+    ({k: v for k, v in _ties().items() if k != "base_model"}, "needs a base model"),
     ({"merge_method": "linear", "base_model": "base", "models": [{"model": "ft0", "parameters": {"weight": 1}}]},
      "'linear' does not use base_model"),
     ({"merge_method": "slerp", "base_model": "ft0", "parameters": {"t": 0.5},
       "models": [{"model": "ft0"}, {"model": "ft1"}, {"model": "ft2"}]}, "takes 1 model"),
     ({"merge_method": "model_stock", "base_model": "base", "models": [{"model": "ft0"}]}, "at least 2"),
     ({"merge_method": "task_arithmetic", "base_model": "base", "models": [{"model": "ft0"}]},
-     "missing required parameter 'weight' of model"),
+     "model '.*ft0': merge method 'task_arithmetic' needs parameter 'weight'"),
     ({"merge_method": "slerp", "base_model": "ft0", "models": [{"model": "ft0"}, {"model": "ft1"}]},
-     "missing required parameter 't'"),
+     "needs parameter 't'"),
     (_ties(dtype="float8"), "unknown dtype"),
     ({"merge_method": "linear", "models": [{"model": "ft0", "parameters": {"weight": 1}},
                                            {"model": "ft0", "parameters": {"weight": 1}}]}, "listed twice"),
@@ -269,7 +283,7 @@ def test_refusals(zoo, tmp_path, cfg, message):
 def test_known_parameter_of_another_method_warns(zoo, tmp_path):
     path = write_config(tmp_path / "m.yml", zoo, merge_method="linear",
                         models=[{"model": "ft0", "parameters": {"weight": 1, "density": 0.5}}])
-    with pytest.warns(UserWarning, match="'density' is not used by merge_method 'linear'"):
+    with pytest.warns(UserWarning, match="'density' is not used by merge method 'linear'"):
         run_merge_config(path, tmp_path / "out", verbose=False)
 
 
@@ -280,35 +294,48 @@ def test_pickle_only_when_allowed(zoo, tmp_path):
     assert_same(read_dir(out), M.merge("linear", sds(zoo, "ft0", "ft1")))
 
 
-def test_refuses_non_empty_out_dir_and_force_replaces(zoo, tmp_path):
+def test_refuses_non_empty_out_dir_and_force_replaces_only_a_merge_output(zoo, tmp_path):
     path = write_config(tmp_path / "m.yml", zoo, **_ties())
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(ValueError, match="not empty; pass --force"):
         run_merge_config(path, out, verbose=False)
-    assert (out / "precious.txt").read_text() == "keep me"
-    run_merge_config(path, out, force=True, verbose=False)
-    assert not (out / "precious.txt").exists() and (out / "model.safetensors").exists()
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    run_merge_config(path, empty, verbose=False)  # an empty OUT_DIR is fine without --force
+    with pytest.raises(ValueError, match="not a merge output .* --force will not replace it"):
+        run_merge_config(path, out, force=True, verbose=False)
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    (out / "precious.txt").unlink()
+    run_merge_config(path, out, verbose=False)  # an empty OUT_DIR is fine without --force
+    first = (out / "model.safetensors").read_bytes()
+    run_merge_config(path, out, force=True, verbose=False)  # a previous merge output is replaced
+    assert (out / "model.safetensors").read_bytes() == first
+    (out / "notes.txt").write_text("mine")  # ... but not when the user added files to it
+    with pytest.raises(ValueError, match="holds 'notes.txt', which labkit merge does not write"):
+        run_merge_config(path, out, force=True, verbose=False)
+    assert (out / "notes.txt").read_text() == "mine"
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a directory"):
         run_merge_config(path, tmp_path / "file", verbose=False)
-    with pytest.raises(ValueError, match="is also the input model"):
-        run_merge_config(path, zoo / "ft0", force=True, verbose=False)
 
 
-def test_atomic_write_failure_keeps_old_out_dir(zoo, tmp_path):
+def test_atomic_write_failure_keeps_old_out_dir(zoo, tmp_path, monkeypatch):
+    from labkit.merge import yaml_runner
+
     path = write_config(tmp_path / "m.yml", zoo, **_ties())
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "precious.txt").write_text("keep me")
+    out = run_merge_config(path, tmp_path / "out", verbose=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def fail_after_5(count, name):
+        if count >= 5:
+            raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(yaml_runner, "_after_tensor", fail_after_5)
     with pytest.raises(RuntimeError, match="simulated failure"):
-        run_merge_config(path, out, force=True, _fail_after=5, verbose=False)
-    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+        run_merge_config(path, out, force=True, verbose=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.yml", "out"]  # the temp dir is gone
+    monkeypatch.setattr(yaml_runner, "_after_tensor", lambda count, name: fail_after_5(count + 5, name))
     with pytest.raises(RuntimeError, match="simulated failure"):
-        run_merge_config(path, tmp_path / "fresh", _fail_after=0, verbose=False)
+        run_merge_config(path, tmp_path / "fresh", verbose=False)
     assert not (tmp_path / "fresh").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.yml", "out"]

@@ -13,7 +13,7 @@ from mergekit.config import MergeConfiguration  # noqa: E402
 from mergekit.merge import run_merge  # noqa: E402
 from mergekit.options import MergeOptions  # noqa: E402
 
-from labkit.merge_io import run_merge_config  # noqa: E402
+from labkit.merge import run_merge_config  # noqa: E402
 from test_merge_io import read_dir, write_config, zoo  # noqa: E402,F401  (zoo is a fixture)
 
 W = lambda **p: p  # noqa: E731

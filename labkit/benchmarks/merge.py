@@ -3,7 +3,7 @@
 Synthetic Llama-shaped checkpoints (a base and two fine-tunes, float32 safetensors; a few hundred
 MB each in full mode, a few MB in smoke mode) are merged with ``linear`` and ``ties`` three ways,
 each in a fresh Python process so the peak resident memory (ru_maxrss) belongs to that merge only:
-  * labkit: ``run_merge_config`` on a YAML file (streams one tensor at a time);
+  * labkit: ``run_merge_config`` on a YAML file (streams one tensor at a time, checking each for NaN/inf);
   * naive (the baseline a user would otherwise write): ``safetensors.torch.load_file`` every
     checkpoint, merge in memory (``labkit.merge.merge``), ``save_file`` the result;
   * mergekit's ``run_merge`` on the same YAML, when mergekit is importable (it is not a labkit
@@ -32,7 +32,7 @@ WORKER = textwrap.dedent("""
     import torch, yaml
     from safetensors.torch import load_file, save_file
     import labkit.merge as M
-    from labkit.merge_io import run_merge_config
+    from labkit.merge.yaml_runner import run_merge_config  # imported before the clock starts
     if kind == "mergekit":
         from mergekit.config import MergeConfiguration
         from mergekit.merge import run_merge
@@ -133,7 +133,7 @@ def _run_once(kind: str, cfg: Path, out: Path, device: str) -> dict:
 
 def _same_output(a: Path, b: Path) -> tuple[float, int]:
     """(max |a - b|, number of entries differing by more than 1e-6) over every tensor."""
-    from labkit.merge_io import ModelDir
+    from labkit.merge.safetensors_io import ModelDir
 
     da, db = ModelDir(a), ModelDir(b)
     diffs = [(da.read(k).float() - db.read(k).float()).abs() for k in da.specs]
@@ -200,7 +200,9 @@ def run(smoke: bool = False) -> dict:
              "bound_MB = (models + 2) x largest tensor, the streaming target. max_abs_diff / n_diff: labkit's "
              "output vs that tool's (largest difference, entries differing by more than 1e-6); against mergekit's "
              "ties the few differing entries are those whose |delta| ties exactly with the trim cut (both keep "
-             "exactly k entries and break such ties differently). Peak RSS is the OS's resident set: labkit reads with seek+readinto (no mmap); "
+             "exactly k entries and break such ties differently). Peak RSS is the OS's resident set: labkit reads each "
+             "tensor through safetensors.safe_open, memory-mapped but opened per tensor and copied once into float32, "
+             "so only the tensors being merged are resident; "
              "safetensors.load_file copies whole files into memory; mergekit memory-maps its inputs, so the pages "
              "it touched count too although the OS could drop them. Time: fastest of "
              f"{repeat} fresh process(es), interleaved; on a shared CPU wall times vary by 2x between runs, CPU seconds "

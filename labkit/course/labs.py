@@ -4,7 +4,9 @@ Each notebook runs in a fresh kernel with its own folder as the working director
 ``LABKIT_MODE`` set and ``LABKIT_REPORT_FILE`` pointing at a per-notebook file that
 ``labkit.course.report.record`` / ``claim`` append to. The executed notebooks go to OUT/executed/, the
 report to OUT/report.md and OUT/report.json: per lab its key results, its claims (reproduced or not),
-its error if it failed, its wall time, plus the device and the mode.
+its error if it failed, its wall time, plus the device and the mode; and per syllabus claim (1-20) its
+status across every lab's checks of it: reproduced (all pass), not reproduced (all fail), partly
+(mixed) or not yet taught (no lab checks it), with the checks behind it.
 """
 from __future__ import annotations
 
@@ -101,6 +103,30 @@ def _cell_error(nb, err) -> str:
     return " ".join(str(err).split())[:300]
 
 
+REPRODUCED, NOT_REPRODUCED, PARTLY, NOT_TAUGHT = "reproduced", "not reproduced", "partly", "not yet taught"
+
+
+def syllabus_table(labs: list[dict]) -> list[dict]:
+    """One row per syllabus claim: {"claim", "title", "status", "labs", "checks"}.
+
+    A check (one ``claim(...)`` call) counts for every syllabus number it carries. The status is
+    reproduced when all of a claim's checks passed, not reproduced when none did, partly when some did,
+    and not yet taught when no lab checked it (a lab that failed before its claims checks nothing).
+    """
+    from .report import SYLLABUS_CLAIMS
+
+    rows = []
+    for number, title in SYLLABUS_CLAIMS.items():
+        checks = [{"lab": lab["notebook"], "text": c["text"], "passed": c["passed"], "detail": c["detail"]}
+                  for lab in labs for c in lab["claims"] if number in c.get("syllabus", [])]
+        n_passed = sum(c["passed"] for c in checks)
+        status = (NOT_TAUGHT if not checks else REPRODUCED if n_passed == len(checks)
+                  else NOT_REPRODUCED if n_passed == 0 else PARTLY)
+        rows.append({"claim": number, "title": title, "status": status,
+                     "labs": sorted({c["lab"] for c in checks}), "checks": checks})
+    return rows
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -121,6 +147,17 @@ def report_markdown(report: dict) -> str:
         n_ok = sum(c["passed"] for c in lab["claims"])
         status = "ok" if lab["ok"] else "**error**"
         lines.append(f"| {lab['notebook']} | {status} | {n_ok}/{len(lab['claims'])} | {lab['seconds']:.0f} s |")
+    lines += ["", "## Syllabus claims", ""]
+    if any(not lab["ok"] for lab in report["labs"]):
+        lines += ["A lab failed: claims it would have checked after its error show as not yet taught.", ""]
+    lines += ["| # | claim | status | checks passed | checks |", "|---|---|---|---|---|"]
+    for row in report.get("syllabus") or syllabus_table(report["labs"]):
+        n_ok = sum(c["passed"] for c in row["checks"])
+        count = f"{n_ok}/{len(row['checks'])}" if row["checks"] else "-"
+        status = row["status"] if row["status"] in (REPRODUCED, NOT_TAUGHT) else f"**{row['status']}**"
+        checks = "<br>".join(f"{'✓' if c['passed'] else '✗'} {c['lab']}: {c['text']}".replace("|", "\\|")
+                            for c in row["checks"])
+        lines.append(f"| {row['claim']} | {row['title']} | {status} | {count} | {checks or '-'} |")
     for lab in report["labs"]:
         lines += ["", f"## {lab['notebook']}", ""]
         if lab["error"]:
@@ -129,7 +166,8 @@ def report_markdown(report: dict) -> str:
             lines += ["Claims:", ""]
             for c in lab["claims"]:
                 detail = f" ({c['detail']})" if c["detail"] else ""
-                lines.append(f"- {'✓' if c['passed'] else '✗'} {c['text']}{detail}")
+                numbers = ", ".join(map(str, c.get("syllabus", [])))
+                lines.append(f"- {'✓' if c['passed'] else '✗'} [{numbers}] {c['text']}{detail}")
             lines.append("")
         if lab["records"]:
             lines += ["| key result | value |", "|---|---|"]
@@ -157,6 +195,7 @@ def run_labs(notebooks: list[str | Path], out: str | Path, mode: str | None = No
         status = "ok   " if lab["ok"] else "ERROR"
         echo(f"{status} {lab['notebook']:<28} {n_ok}/{len(lab['claims'])} claims  {lab['seconds']:6.0f} s"
              + (f"  {lab['error']}" if lab["error"] else ""))
+    report["syllabus"] = syllabus_table(report["labs"])
     (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     (out / "report.md").write_text(report_markdown(report), encoding="utf-8")
     return report
@@ -172,8 +211,11 @@ def labs_cli(args) -> int:
     failed = [lab["notebook"] for lab in labs if not lab["ok"]]
     claims = [c for lab in labs for c in lab["claims"]]
     seconds = sum(lab["seconds"] for lab in labs)
+    statuses = [row["status"] for row in report["syllabus"]]
     print(f"labs: {len(labs) - len(failed)}/{len(labs)} notebooks ran, "
-          f"{sum(c['passed'] for c in claims)}/{len(claims)} claims reproduced, "
+          f"{sum(c['passed'] for c in claims)}/{len(claims)} checks passed; syllabus claims: "
+          + ", ".join(f"{statuses.count(s)} {s}" for s in (REPRODUCED, PARTLY, NOT_REPRODUCED, NOT_TAUGHT))
+          + ", "
           f"{seconds:.0f} s on {report['device']} ({report['mode']} mode) -> {Path(args.out) / 'report.md'}"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -44,6 +44,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 import yaml
 
 from labkit import merge, zoo
@@ -54,6 +55,7 @@ from labkit.device import by_mode, get_device, seed_everything
 from labkit.grading import check
 from labkit.train import predict_logits
 
+transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bars in the outputs
 device = get_device()
 seed_everything(0)
 print("ready")
@@ -156,10 +158,13 @@ curves = {
 # %%
 # NBVAL_IGNORE_OUTPUT
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-for label, rows in curves.items():
-    axes[0].plot(alphas, [r["loss"] for r in rows], marker="o", label=label)
-    axes[1].plot(alphas, [r["acc"] for r in rows], marker="o", label=label)
+# different markers and line styles: the aligned and the fine-tune curves lie close together
+for (label, rows), style in zip(curves.items(), ("o-", "s--", "^:")):
+    axes[0].plot(alphas, [r["loss"] for r in rows], style, label=label)
+    axes[1].plot(alphas, [r["acc"] for r in rows], style, label=label)
 axes[0].set_ylabel("validation loss"), axes[1].set_ylabel("validation accuracy")
+axes[0].set_ylim(bottom=0)
+axes[1].set_ylim(0, 1.02)
 for ax in axes:
     ax.set_xlabel(r"$\alpha$ in $(1-\alpha)\theta_A + \alpha\theta_B$")
 axes[1].legend(fontsize=8)
@@ -179,14 +184,13 @@ rows_indep = curves["independent seeds (mlp-s0 -> mlp-s1)"]
 rows_ft = curves["fine-tunes of one base (soup-ft0 -> soup-ft1)"]
 record("loss barrier at the midpoint", barrier)
 record("midpoint accuracy", {label: rows[5]["acc"] for label, rows in curves.items()})
-claim("averaging two independently initialised models fails: the midpoint's loss is over twice the ends'",
+claim(5, "averaging two independently initialised models fails: the midpoint's loss is over twice the ends'",
       rows_indep[5]["loss"] > 2 * (rows_indep[0]["loss"] + rows_indep[-1]["loss"]) / 2,
       detail=f"midpoint {rows_indep[5]['loss']:.3f}, ends {rows_indep[0]['loss']:.3f} / {rows_indep[-1]['loss']:.3f}")
-claim("averaging fine-tunes of one base works: the midpoint is no worse than the worse end",
+claim(5, "averaging fine-tunes of one base works: the midpoint is no worse than the worse end",
       rows_ft[5]["loss"] <= max(rows_ft[0]["loss"], rows_ft[-1]["loss"]),
       detail=f"midpoint {rows_ft[5]['loss']:.4f}, ends {rows_ft[0]['loss']:.4f} / {rows_ft[-1]['loss']:.4f}")
-claim("aligning hidden units (weight matching) removes most of the barrier", aligned < 0.25 * indep,
-      detail=f"barrier {aligned:.4f} vs {indep:.3f}")
+print("aligning hidden units (weight matching) removes most of the barrier:", aligned < 0.25 * indep)
 
 # %% [markdown]
 # The independent MLPs are trained on an easy task with dropout, so their average does not fall to
@@ -288,9 +292,9 @@ print("greedy soup ingredients:", chosen, f"({len(chosen)} of {len(soup_states)}
 record("soups: accuracy by evaluation set", soup_table)
 record("soups: mean ingredient accuracy", mean_ingredient)
 best, uniform, greedy = soup_table.values()
-claim("the greedy soup is at least as good as the best single model on the data used for selection",
+claim(6, "the greedy soup is at least as good as the best single model on the data used for selection",
       greedy["val"] >= best["val"], detail=f"val {greedy['val']:.4f} vs {best['val']:.4f}")
-claim("the uniform soup is more robust under distribution shift than the best single model",
+claim(6, "the uniform soup is more robust under distribution shift than the best single model",
       uniform["test+noise"] > best["test+noise"] and uniform["test+rotate"] > best["test+rotate"],
       detail=f"noise {uniform['test+noise']:.4f} vs {best['test+noise']:.4f}, "
              f"rotate {uniform['test+rotate']:.4f} vs {best['test+rotate']:.4f}")
@@ -362,11 +366,11 @@ print(f"independent seeds: the ensemble beats the average by {indep_gap:.3f} on 
 record("avg vs ens: correlation (all points, test only)", [corr_all, corr_test])
 record("avg vs ens: fraction where averaging wins", wins)
 record("independent pairs: ensemble minus average accuracy", indep_gap)
-claim("averaged-model accuracy is strongly correlated with ensemble accuracy", corr_all > 0.9,
+claim(7, "averaged-model accuracy is strongly correlated with ensemble accuracy", corr_all > 0.9,
       detail=f"r = {corr_all:.3f} over all evaluation sets, {corr_test:.3f} within the test set")
-claim("the averaged model rarely beats the ensemble of the same members", max(wins.values()) < 0.25,
+claim(7, "the averaged model rarely beats the ensemble of the same members", max(wins.values()) < 0.25,
       detail=str({k: round(v, 3) for k, v in wins.items()}))
-claim("averaging hurts where ensembling does not (independent initialisations)", indep_gap > 0.01,
+claim(7, "averaging hurts where ensembling does not (independent initialisations)", indep_gap > 0.01,
       detail=f"mean gap {indep_gap:.3f}")
 
 
@@ -469,7 +473,7 @@ for name, row in table.items():
 record("task vectors: exact match by task", table)
 control = lambda row: np.mean([row[t] for t in ("copy", "rev", "count")])  # noqa: E731
 m, f_add, f_sort = table["base + tau_add + tau_sort"], table["lm/ft-add"], table["lm/ft-sort"]
-claim("adding two task vectors gives both skills (each at least half the specialist's exact match)",
+claim(8, "adding two task vectors gives both skills (each at least half the specialist's exact match)",
       m["add"] >= 0.5 * f_add["add"] and m["sort"] >= 0.5 * f_sort["sort"],
       detail=f"add {m['add']:.3f} vs {f_add['add']:.3f}, sort {m['sort']:.3f} vs {f_sort['sort']:.3f}")
 
@@ -511,7 +515,7 @@ record("negation of tau_darn", negation)
 # as in Ilharco et al., lambda is a knob: is there one that removes the behaviour and keeps the rest?
 ok = [lam for lam, row in negation.items() if lam > 0 and row["darn rate"] <= 0.5 * negation[0.0]["darn rate"]
       and row["control"] >= negation[0.0]["control"] - 0.05]
-claim("negating a task vector removes that behaviour while keeping the other skills",
+claim(8, "negating a task vector removes that behaviour while keeping the other skills",
       bool(ok), detail=f"lambdas that halve the rate and keep copy/rev/count within 0.05: {ok}; {negation}")
 
 # %% [markdown]
@@ -528,10 +532,11 @@ sweep = [skills((tau_add + tau_sort).apply_to(lm_base, scale=lam)) for lam in la
 # %%
 # NBVAL_IGNORE_OUTPUT
 fig, ax = plt.subplots(figsize=(6, 3.4))
-for t in ("add", "sort"):
-    ax.plot(lambdas, [r[t] for r in sweep], marker="o", label=t)
-ax.plot(lambdas, [control(r) for r in sweep], marker="o", label="copy/rev/count (mean)")
+for t, style in (("add", "o-"), ("sort", "s--")):  # add and sort can coincide (both 0 at the base)
+    ax.plot(lambdas, [r[t] for r in sweep], style, label=t)
+ax.plot(lambdas, [control(r) for r in sweep], "^:", label="copy/rev/count (mean)")
 ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+ax.set_ylim(-0.02, 1.02)
 ax.set_xlabel(r"$\lambda$"), ax.set_ylabel("exact match")
 ax.set_title(r"$\theta_{base} + \lambda(\tau_{add} + \tau_{sort})$")
 ax.legend()
@@ -621,13 +626,13 @@ for name, r in digit_rows.items():
 record("digits task vectors (test accuracy)", digit_rows)
 
 merged = digit_rows[f"base + {lam_ta} x sum of tau ({', '.join(skills_added)})"]
-claim("task vectors on digits: adding them gives a model better than the base on every added skill",
+claim(8, "task vectors on digits: adding them gives a model better than the base on every added skill",
       len(skills_added) >= 2 and all(merged[k] > digit_rows["base"][k] for k in skills_added),
       detail=f"skills {skills_added}, lambda {lam_ta}: " +
       ", ".join(f"{k} {digit_rows['base'][k]:.3f} -> {merged[k]:.3f}" for k in skills_added))
 negated = digit_rows[f"base - {neg_lam} x tau_rotate"]
 kept = [k for k in ["clean", "thicken", "noise"] if negated[k] >= digit_rows["base"][k] - 0.05]
-claim("task vectors on digits: negating tau_rotate removes that skill and keeps the others",
+claim(8, "task vectors on digits: negating tau_rotate removes that skill and keeps the others",
       negated["rotate"] < digit_rows["base"]["rotate"] - 0.1 and len(kept) == 3,
       detail=f"rotate {digit_rows['base']['rotate']:.3f} -> {negated['rotate']:.3f}; "
       f"kept within 0.05: {kept}")
@@ -656,10 +661,53 @@ for name, states in candidates.items():
           f"{multi[name]['mean over domains']:.3f}")
 record("digits multi-domain merge (test)", multi)
 ties_mean = multi["TIES (density 0.2)"]["mean over domains"]
-claim("TIES beats task arithmetic and linear averaging on a multi-task merge with interference (digits)",
+claim(9, "TIES beats task arithmetic and linear averaging on a multi-task merge with interference (digits)",
       ties_mean > max(multi["task arithmetic"]["mean over domains"],
                       multi["linear (average of fine-tunes)"]["mean over domains"]),
       detail=", ".join(f"{k}: {v['mean over domains']:.3f}" for k, v in multi.items()))
+
+# %% [markdown]
+# **Move $\lambda$ yourself.** The slider scales the sum of all three digit task vectors,
+# $\theta_{base} + \lambda(\tau_{rotate} + \tau_{thicken} + \tau_{noise})$, from forgetting
+# ($\lambda < 0$) through the base ($\lambda = 0$) to extrapolation ($\lambda > 1$), and shows the
+# merged model's test accuracy per domain. Each domain has its own best $\lambda$, and no single
+# $\lambda$ is best for all of them: that is the interference TIES tries to remove. The grid is
+# computed once below; the slider only redraws.
+
+# %%
+lambda_grid = [round(x, 2) for x in np.arange(-1.0, 2.01, 0.1)]
+tau_all = sum(d_tau.values(), start=0 * d_tau["rotate"])
+lambda_acc = {lam: domain_accuracy(tau_all.apply_to(d_base, scale=lam)) for lam in lambda_grid}
+shown_sets = ["clean", *domains]
+styles = {"clean": "o-", "rotate": "s--", "thicken": "^-.", "noise": "d:"}
+
+
+def draw_lambda(lam=1.0):
+    fig, (ax_line, ax_bar) = plt.subplots(1, 2, figsize=(10, 3.2), gridspec_kw={"width_ratios": [2, 1]})
+    for k in shown_sets:
+        ax_line.plot(lambda_grid, [lambda_acc[x][k] for x in lambda_grid], styles[k], ms=3, label=k)
+    ax_line.axvline(lam, color="k", lw=1)
+    ax_line.set_xlabel(r"$\lambda$"), ax_line.set_ylabel("test accuracy")
+    ax_line.set_ylim(0, 1.02)
+    ax_line.legend(fontsize=8, loc="lower center")
+    ax_line.set_title(r"$\theta_{base} + \lambda \sum_k \tau_k$ (three digit domains)", fontsize=10)
+    at = lambda_acc[min(lambda_grid, key=lambda x: abs(x - lam))]
+    ax_bar.bar(shown_sets, [at[k] for k in shown_sets], color=["C0", "C1", "C2", "C3"])
+    ax_bar.set_ylim(0, 1.02)
+    ax_bar.set_title(f"at lambda = {lam:.1f}", fontsize=10)
+    plt.tight_layout()
+    plt.show()
+
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+try:
+    import ipywidgets as widgets
+    widgets.interact(draw_lambda, lam=widgets.FloatSlider(value=1.0, min=-1.0, max=2.0, step=0.1,
+                                                           description="lambda"))
+except ImportError:  # no widgets here: the static curves at lambda = 1
+    print("ipywidgets is not installed: the curves at lambda = 1 instead of a slider")
+    draw_lambda(1.0)
 
 
 # %% [markdown]
@@ -768,7 +816,7 @@ for name, row in merge_table.items():
     print(f"{name:36s}" + "".join(f"{row[t]:8.3f}" for t in TASKS) + f"{np.mean(list(row.values())):8.3f}")
 record("TIES vs task arithmetic vs linear", merge_table)
 score = {name: float(np.mean(list(row.values()))) for name, row in merge_table.items()}
-claim("TIES beats plain averaging and task arithmetic on a multi-task merge",
+claim(9, "TIES beats plain averaging and task arithmetic on a multi-task merge",
       score["TIES (density 0.2, lambda 1)"] > max(score["linear (average of fine-tunes)"],
                                                   score["task arithmetic (lambda 1)"]),
       detail=str({k: round(v, 3) for k, v in score.items()}))
@@ -801,9 +849,11 @@ no_rescale = [skills(merge.merge("dare_linear", fts, base_sd, weight=1.0, densit
 # NBVAL_IGNORE_OUTPUT
 fig, ax = plt.subplots(figsize=(6, 3.4))
 mean_new = lambda r: (r["add"] + r["sort"]) / 2  # noqa: E731
-ax.plot(drop_rates, [mean_new(r) for r in dare["l1"]], marker="o", label="rescale: match L1 norm (mergekit)")
-ax.plot(drop_rates, [mean_new(r) for r in dare["density"]], marker="s", label="rescale: 1/(1-p) (paper)")
-ax.plot(drop_rates, [mean_new(r) for r in no_rescale], marker="^", label="no rescaling")
+# all three start at the same point (p = 0 drops nothing): markers and line styles keep them apart
+ax.plot(drop_rates, [mean_new(r) for r in dare["l1"]], "o-", label="rescale: match L1 norm (mergekit)")
+ax.plot(drop_rates, [mean_new(r) for r in dare["density"]], "s--", label="rescale: 1/(1-p) (paper)")
+ax.plot(drop_rates, [mean_new(r) for r in no_rescale], "^:", label="no rescaling")
+ax.set_ylim(-0.02, 1.02)
 ax.set_xlabel("drop rate p"), ax.set_ylabel("exact match, add and sort (mean)")
 ax.set_title("DARE on the two-skill merge")
 ax.legend(fontsize=8)
@@ -839,6 +889,7 @@ for t_name, ls in (("add", "-"), ("sort", "--")):
     ax.plot(ts, [r[t_name] for r in slerp_path], ls=ls, marker="o", color="C0", label=f"SLERP, {t_name}")
     ax.plot(ts, [r[t_name] for r in lerp_path], ls=ls, marker="x", color="C1", label=f"linear, {t_name}")
 ax.set_xlabel("t (0 = lm/ft-add, 1 = lm/ft-sort)"), ax.set_ylabel("exact match")
+ax.set_ylim(-0.02, 1.02)
 ax.legend(fontsize=8)
 plt.tight_layout()
 plt.show()
@@ -877,7 +928,7 @@ in_memory = merges["TIES (density 0.2, lambda 1)"]
 identical = all(torch.equal(v.cpu(), in_memory[k].cpu()) for k, v in from_yaml.state_dict().items())
 print("the YAML merge equals labkit.merge.merge('ties', ...):", identical)
 print("files written:", sorted(p.name for p in (workdir / "out").iterdir()))
-claim("labkit merge reproduces the in-memory TIES merge from a mergekit YAML config", identical)
+assert identical, "labkit merge gave different tensors from the in-memory TIES merge of the same config"
 
 # %% [markdown]
 # ## Summary

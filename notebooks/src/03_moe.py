@@ -23,7 +23,8 @@
 # 2. train a dense model and an MoE with the **same active parameters** on the kit's tasks;
 # 3. see what the **load-balancing loss** does (and what happens without it), and what capacity limits drop;
 # 4. look at **what the experts specialise in**;
-# 5. write **sort-based dispatch**, the trick that makes MoE fast, and time the dispatch strategies;
+# 5. write **sort-based dispatch**, the trick that makes MoE fast on a GPU with many tokens per expert,
+#    and time the dispatch strategies (on a tiny CPU case it loses, and we see why);
 # 6. **upcycle** the zoo's dense model into an MoE and keep training it;
 # 7. build a mergekit-style "MoE" from two fine-tunes and compare it with a trained MoE.
 #
@@ -173,7 +174,7 @@ mixtral = moe.moe_flops(1, 4096, 14336, 8, 2)
 print(f"Mixtral-8x7B, one token, one layer: {mixtral['all_experts'] / 1e9:.2f} GFLOP for all experts, "
       f"{mixtral['routed'] / 1e9:.2f} GFLOP routed")
 record("expert FLOPs ratio all/top-k", flops_all / flops_topk)
-claim("top-k routing cuts the expert FLOPs by E/k (top-2 of 8: 4x)", abs(flops_all / flops_topk - E / k) < 1e-9,
+claim(11, "top-k routing cuts the expert FLOPs by E/k (top-2 of 8: 4x)", abs(flops_all / flops_topk - E / k) < 1e-9,
       detail=f"{flops_all} vs {flops_topk} FLOPs")
 
 # %% [markdown]
@@ -245,8 +246,8 @@ print(f"(trained both in {time.perf_counter() - t0:.0f} s)")
 smooth = lambda h: torch.tensor(h["loss"]).unfold(0, 20, 1).mean(1)  # noqa: E731
 steps_axis = torch.arange(20, STEPS + 1)
 fig, ax = plt.subplots(figsize=(6, 3.2))
-ax.plot(steps_axis * flops_dense * 3 / 1e9, smooth(hist_dense), label="dense (MLP 128)")
-ax.plot(steps_axis * flops_sparse * 3 / 1e9, smooth(hist_sparse), label="MoE (8 x 64, top-2)")
+ax.plot(steps_axis * flops_dense * 3 / 1e9, smooth(hist_dense), "-", label="dense (MLP 128)")
+ax.plot(steps_axis * flops_sparse * 3 / 1e9, smooth(hist_sparse), "--", label="MoE (8 x 64, top-2)")
 ax.set_xlabel("training compute (GFLOP, ~3x forward)")
 ax.set_ylabel("training loss (smoothed)")
 ax.set_title("Equal active parameters: quality against FLOPs")
@@ -255,7 +256,7 @@ plt.tight_layout()
 plt.show()
 record("dense vs MoE held-out loss", {k_: v[0] for k_, v in results.items()})
 record("dense vs MoE exact match", {k_: v[1] for k_, v in results.items()})
-claim("an MoE with the dense model's active parameters reaches a lower held-out loss at the same FLOPs",
+claim(11, "an MoE with the dense model's active parameters reaches a lower held-out loss at the same FLOPs",
       results["MoE 8x64 top-2"][0] < results["dense"][0],
       detail=f"{results['MoE 8x64 top-2'][0]:.3f} vs {results['dense'][0]:.3f}")
 
@@ -273,9 +274,9 @@ claim("an MoE with the dense model's active parameters reaches a lower held-out 
 # with $p = \mathrm{softmax}(\text{logits})$. $f$ (the share of routed slots) is a count with no
 # gradient; $P$ (the mean router probability) carries it. Both are spread evenly when the loss is at
 # its minimum, $k$. Related tools: the router **z-loss** (ST-MoE, Zoph et al. 2022,
-# `moe.router_z_loss`) keeps logits small; DeepSeek-V3 drops the auxiliary loss and instead adds a
-# per-expert bias to the *selection* scores that it nudges after each step against the observed
-# load (`MoELayer(..., router="sigmoid")`).
+# `moe.router_z_loss`) keeps logits small; DeepSeek-V3 balances mainly with a per-expert bias on the
+# *selection* scores that it nudges after each step against the observed load
+# (`MoELayer(..., router="sigmoid")`), and keeps only a small sequence-wise auxiliary loss alongside.
 #
 # ### Exercise 2: the load-balancing loss (2 points)
 #
@@ -349,11 +350,83 @@ cv = {name: max(s["cv"] for s in r[0]) for name, r in reports.items()}
 drop = {name: max(r[1]) for name, r in reports.items()}
 record("max expert-load CV", cv)
 record("max drop rate at capacity 1.0", drop)
-claim("the load-balancing loss keeps the experts balanced; without it the load is more uneven",
-      cv["with aux loss"] < cv["without aux loss"], detail=str(cv))
-claim("a capacity limit drops fewer tokens when the load is balanced",
-      drop["with aux loss"] < drop["without aux loss"], detail=str(drop))
+# load balancing and capacity are not syllabus claims (the lecture leaves them out), so plain checks
+print("the load-balancing loss keeps the experts balanced; without it the load is more uneven:",
+      cv["with aux loss"] < cv["without aux loss"])
+print("a capacity limit drops fewer tokens when the load is balanced:",
+      drop["with aux loss"] < drop["without aux loss"])
 
+
+# %% [markdown]
+# **Top-k and capacity, interactively.** The router scores of both trained MoEs on the held-out batch
+# are kept below; the sliders re-select the top $k$ from the *same* scores and apply a capacity
+# factor $c$ (the models were trained with $k = 2$; other values show what a different $k$ would send
+# where). Left: the share of tokens each expert receives, kept (blue) and dropped over capacity (red),
+# with the capacity $\lceil c\,Tk/E \rceil$ as a dashed line. Right: the drop rate against $c$ for both
+# models. A larger $k$ or an uneven load needs a larger $c$ (a bigger buffer, more padded FLOPs) to drop
+# nothing; balancing is what lets a static-shape implementation use a small one.
+
+
+# %%
+E_EXPERTS = 8
+real_tokens = test_batch["attention_mask"].cpu().bool().flatten()
+router_scores = {}  # model -> per layer [T_real, E] router probabilities on the held-out batch
+for name, model in {"with aux loss": sparse, "without aux loss": no_aux}.items():
+    answer_loss(model)
+    router_scores[name] = [layer.router_logits.detach().float().cpu()[real_tokens].softmax(-1)
+                           for layer in moe.moe_layers(model)]
+capacity_factors = [round(0.25 * i, 2) for i in range(2, 17)]  # 0.5 .. 4.0
+
+
+def slot_load(probs, top_k):
+    """Slots per expert [E] when every token sends its top_k experts."""
+    return torch.bincount(probs.topk(top_k, dim=-1).indices.flatten(), minlength=E_EXPERTS)
+
+
+def drop_rate(load, top_k, capacity_factor):
+    cap = moe.expert_capacity(int(load.sum()) // top_k, top_k, E_EXPERTS, capacity_factor)
+    return (load - load.clamp(max=cap)).sum().item() / load.sum().item(), cap
+
+
+def draw_capacity(model="without aux loss", layer=0, top_k=2, capacity_factor=1.0):
+    fig, (ax_load, ax_drop) = plt.subplots(1, 2, figsize=(10, 3.2))
+    probs = router_scores[model][layer]
+    T = probs.shape[0]
+    load = slot_load(probs, top_k)
+    rate, cap = drop_rate(load, top_k, capacity_factor)
+    kept = load.clamp(max=cap)
+    ax_load.bar(range(E_EXPERTS), kept / T, color="tab:blue", label="kept")
+    ax_load.bar(range(E_EXPERTS), (load - kept) / T, bottom=kept / T, color="tab:red", label="dropped")
+    ax_load.axhline(cap / T, color="k", ls="--", lw=1, label=f"capacity ({cap} slots)")
+    ax_load.set_ylim(0, 1.05)  # the share of tokens that pick an expert is at most 1
+    ax_load.set_xlabel("expert"), ax_load.set_ylabel("share of tokens")
+    ax_load.set_title(f"{model}, layer {layer}: top-{top_k}, c = {capacity_factor:.2f}, "
+                      f"{rate:.0%} of slots dropped", fontsize=9)
+    ax_load.legend(fontsize=7, loc="upper right")
+    for (name, scores), style in zip(router_scores.items(), ("o-", "s--")):
+        load_k = slot_load(scores[layer], top_k)
+        ax_drop.plot(capacity_factors, [drop_rate(load_k, top_k, c)[0] for c in capacity_factors], style,
+                     ms=3, label=name)
+    ax_drop.axvline(capacity_factor, color="k", lw=1)
+    ax_drop.set_ylim(-0.02, 1.0)
+    ax_drop.set_xlabel("capacity factor c"), ax_drop.set_ylabel("dropped slots")
+    ax_drop.set_title(f"layer {layer}, top-{top_k}: drop rate against c", fontsize=9)
+    ax_drop.legend(fontsize=8)
+    plt.tight_layout()
+    plt.show()
+
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+try:
+    import ipywidgets as widgets
+    widgets.interact(draw_capacity, model=widgets.Dropdown(options=list(router_scores), value="without aux loss"),
+                     layer=widgets.IntSlider(value=0, min=0, max=len(router_scores["with aux loss"]) - 1),
+                     top_k=widgets.IntSlider(value=2, min=1, max=E_EXPERTS),
+                     capacity_factor=widgets.FloatSlider(value=1.0, min=0.5, max=4.0, step=0.25))
+except ImportError:  # no widgets here: the trained setting (top-2, c = 1)
+    print("ipywidgets is not installed: top-2 at capacity factor 1 instead of sliders")
+    draw_capacity()
 
 # %% [markdown]
 # ## 5. What do the experts specialise in?
@@ -388,7 +461,8 @@ def mutual_information(a, b):
 def heatmap(ax, rows, cols, n_rows, n_cols, title, ylabels=None):
     counts = torch.zeros(n_rows, n_cols)
     counts.index_put_((rows, cols), torch.ones(len(rows)), accumulate=True)
-    ax.imshow(counts / counts.sum(1, keepdim=True).clamp_min(1), cmap="viridis", aspect="auto")
+    im = ax.imshow(counts / counts.sum(1, keepdim=True).clamp_min(1), cmap="viridis", aspect="auto", vmin=0, vmax=1)
+    ax.figure.colorbar(im, ax=ax, label="share of the row's tokens")
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("expert")
     if ylabels is not None:
@@ -397,7 +471,7 @@ def heatmap(ax, rows, cols, n_rows, n_cols, title, ylabels=None):
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-fig, axes = plt.subplots(1, 4, figsize=(13, 3))
+fig, axes = plt.subplots(1, 4, figsize=(16, 3))
 gen = torch.Generator().manual_seed(0)
 specialisation = {}
 for layer_index in range(2):
@@ -412,7 +486,7 @@ for layer_index in range(2):
 plt.tight_layout()
 plt.show()
 record("I(task; expert) vs shuffled", specialisation)
-claim("experts specialise: the first-choice expert depends on the task far more than chance",
+claim(11, "experts specialise: the first-choice expert depends on the task far more than chance",
       all(mi > 5 * shuffled for mi, shuffled in specialisation.values()), detail=str(specialisation))
 
 
@@ -510,6 +584,17 @@ for T in (1, 8, by_mode(smoke=512, full=8192)):
     print(f"T={T:5d}  " + "  ".join(f"{b} {t:7.3f} ms" for b, t in times.items()) + f"   (auto -> {auto})")
 
 # %% [markdown]
+# **Read the timings with the hardware in mind.** On a small CPU case the plain loop often wins, and
+# `sort` can be several times slower: a CPU runs one matmul per expert at full speed anyway, there is
+# no kernel launch or host synchronisation to save, and the sort, the gathers and scatters and the
+# padded buffer are pure overhead next to matmuls of a few dozen rows. Sort-based dispatch pays off
+# where those costs dominate: on a GPU, where each of the loop's small matmuls is a kernel launch plus
+# a host synchronisation, and with many tokens per expert (prefill, training batches), where one
+# contiguous segment per expert feeds a single grouped GEMM that keeps the GPU busy. That is why `auto`
+# never picks `sort` on a CPU, and why the claims of MoE speed come from GPU kernels such as
+# `grouped_mm`; `labkit bench moe` on a GPU shows the other side.
+
+# %% [markdown]
 # ## 7. Sparse upcycling
 #
 # Training an MoE from scratch is expensive; Komatsuzaki et al. (2022) start from a **trained dense
@@ -527,7 +612,7 @@ with torch.no_grad():
     same = torch.allclose(upcycled(ids).logits, base(ids).logits, atol=1e-4)
 print(f"parameters: dense {count_parameters(base):,}, upcycled {count_parameters(upcycled):,}")
 print("upcycled model == dense model at step 0:", same)
-claim("a sparsely upcycled model starts as exactly the dense model", same)
+assert same, "the upcycled model does not compute the dense model's function at step 0"
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -541,9 +626,8 @@ after = {"dense, continued": (answer_loss(dense_continued), exact_match(dense_co
 for name, (loss, em) in {**before, **after}.items():
     print(f"{name:24s} held-out answer loss {loss:.3f}   exact match {em:.3f}")
 record("upcycling: held-out loss", {k_: v[0] for k_, v in {**before, **after}.items()})
-claim("the upcycled MoE ends continued training below the dense model continued the same way",
-      after["upcycled MoE, continued"][0] < after["dense, continued"][0],
-      detail=f"{after['upcycled MoE, continued'][0]:.3f} vs {after['dense, continued'][0]:.3f}")
+record("upcycled MoE ends below the dense model continued the same way",
+       after["upcycled MoE, continued"][0] < after["dense, continued"][0])
 
 # %% [markdown]
 # ## 8. A mergekit-style "MoE" from dense fine-tunes
@@ -595,12 +679,12 @@ for expert, (t, ds) in enumerate(eval_sets.items()):
     shares = [layer.last_experts[..., 0][real].eq(expert).float().mean().item() for layer in moe.moe_layers(clown_car)]
     print(f"  {t:4s}: {[round(x, 2) for x in shares]}")
 record("add / sort (answer loss, exact match)", scores)
-claim("a mergekit-style MoE of fine-tunes does not inherit their skills: it trails each fine-tune on its own task",
+# the syllabus states this difference (section 4) but numbers no claim for it: plain checks
+print("a mergekit-style MoE of fine-tunes does not inherit their skills: it trails each fine-tune on its own task:",
       scores["mergekit-style MoE"]["add"][1] < scores["lm/ft-add"]["add"][1]
-      and scores["mergekit-style MoE"]["sort"][1] < scores["lm/ft-sort"]["sort"][1], detail=str(scores))
-claim("a briefly trained MoE models the new tasks better than the prompt-routed one (lower answer loss on both)",
-      all(scores["upcycled MoE (trained, s.7)"][t][0] < scores["mergekit-style MoE"][t][0] for t in eval_sets),
-      detail=str(scores))
+      and scores["mergekit-style MoE"]["sort"][1] < scores["lm/ft-sort"]["sort"][1])
+print("a briefly trained MoE models the new tasks better than the prompt-routed one (lower answer loss on both):",
+      all(scores["upcycled MoE (trained, s.7)"][t][0] < scores["mergekit-style MoE"][t][0] for t in eval_sets))
 
 # %% [markdown]
 # Why does the "clown car" fail here? Two reasons, both worth remembering before trusting such a merge.
@@ -618,10 +702,12 @@ claim("a briefly trained MoE models the new tasks better than the prompt-routed 
 #   while keeping all $E$ experts' parameters (section 2). At equal *active* parameters an MoE has more
 #   capacity than the dense model (section 3); whether that shows after a short CPU run is printed above.
 # * Without a balancing mechanism the router concentrates load; the Switch/Mixtral auxiliary loss (or
-#   DeepSeek-V3's selection bias) spreads it, and a capacity limit then drops fewer tokens (section 4).
+#   DeepSeek-V3's selection bias, with a small sequence-wise balance loss) spreads it, and a capacity
+#   limit then drops fewer tokens (section 4).
 # * Experts specialise, here strongly by task and by position (section 5).
 # * Speed is a dispatch problem: sorting the (token, expert) pairs by expert turns many small
-#   matmuls into one grouped GEMM (section 6; `labkit bench moe` for the full sweep).
+#   matmuls into one grouped GEMM, which pays off on a GPU with many tokens per expert; on a tiny CPU
+#   case the sort's overhead loses to the loop (section 6; `labkit bench moe` for the full sweep).
 # * Upcycling starts an MoE from a dense model's function (section 7); a mergekit-style MoE of
 #   fine-tunes is an ensemble with a hand-set router, not a trained sparse model (section 8).
 #
