@@ -437,3 +437,15 @@ def test_hidden_check_needs_the_instructor_bank(tmp_path):
     assert "bank None cases 1" in out  # only the visible case ran
     # a strict (nbgrader) hidden check must not pass tests it could not run
     assert "raised: welcome.agreement: the hidden cases could not run (no instructor bank)" in out
+
+
+def test_grade_refuses_a_missing_bank_and_a_bad_memory_limit(tmp_path, capsys):
+    from labkit.cli import main
+
+    nb = tmp_path / "alice_00_welcome.ipynb"
+    nb.write_text('{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}')
+    assert main(["grade", str(nb), "--out", str(tmp_path / "g"), "--bank", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert "no instructor bank at" in err and len(err.strip().splitlines()) == 1
+    assert main(["grade", str(nb), "--out", str(tmp_path / "g"), "--memory-gb", "0"]) == 2
+    assert "--memory-gb must be a positive number of GiB" in capsys.readouterr().err

@@ -710,6 +710,8 @@ def grade(paths: list[str | Path], out: str | Path, cell_timeout: float = 120.0,
     """
     from .questions import default_instructor_bank, load_instructor_bank
 
+    if not (isinstance(memory_gb, (int, float)) and 0 < memory_gb < float("inf")):
+        raise ValueError(f"--memory-gb must be a positive number of GiB, got {memory_gb}")
     out = Path(out)
     bank_path = Path(bank) if bank else default_instructor_bank()
     if bank_path is None or not Path(bank_path).is_dir():
@@ -771,7 +773,7 @@ def grade_cli(args) -> int:
     paths = gradebook.find_submissions(args.submissions, out)
     graded, problems, book = grade(paths, out, cell_timeout=args.cell_timeout, timeout=args.timeout,
                                    jobs=getattr(args, "jobs", None), roster=roster, bank=getattr(args, "bank", None),
-                                   memory_gb=getattr(args, "memory_gb", None) or 6.0)
+                                   memory_gb=getattr(args, "memory_gb", 6.0))
     for line in book.notices():
         print(f"labkit grade: {line}", file=sys.stderr)
     for s in book.summaries():
