@@ -40,11 +40,16 @@ class ZooError(RuntimeError):
 
 
 def data_root() -> Path:
-    """``$LABKIT_DATA`` if set, else the repository's ``data/`` folder next to the package."""
+    """``$LABKIT_DATA`` if set; else ``labkit/_data/`` where an installed wheel ships the zoo (setup.py);
+    else the repository's ``data/`` folder next to the package (a checkout or an editable install)."""
     env = os.environ.get("LABKIT_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "data"
+    package = Path(__file__).resolve().parent
+    shipped = package / "_data"
+    if (shipped / "zoo").is_dir():
+        return shipped
+    return package.parent / "data"
 
 
 def zoo_root() -> Path:

@@ -39,7 +39,7 @@ def test_plausible_mistakes_fail():
         "ensemble.log_linear_interpolate": unnormalised_log_linear,
         "ensemble.fit_mixture_weights": lambda t, iters=200: torch.full((t.shape[0],), 1 / t.shape[0], dtype=t.dtype),
         "ensemble.bootstrap_indices": without_replacement,
-        "ensemble.ensemble_next_token": lambda l, w, rule: ens.ensemble_next_token(l, w, "linear"),
+        "ensemble.ensemble_next_token": lambda logits, w, rule: ens.ensemble_next_token(logits, w, "linear"),
     }
     for qid, fn in mistakes.items():
         result = run_question(qid, fn, hidden=True)

@@ -375,7 +375,8 @@ def test_welcome_questions_accept_a_correct_answer_and_reject_a_wrong_one(capsys
     for qid, fn in [("welcome.softmax", softmax_t), ("welcome.accuracy", accuracy),
                     ("welcome.average_probs", average_probs), ("welcome.agreement", agreement)]:
         assert check(qid, fn, hidden=True).ok, capsys.readouterr().out
-    naive = check("welcome.softmax", lambda z, temperature=1.0: z.div(temperature).exp() / z.div(temperature).exp().sum(-1, keepdim=True), hidden=True, strict=False)
+    naive = check("welcome.softmax", lambda z, temperature=1.0: z.div(temperature).exp() / z.div(temperature).exp().sum(-1, keepdim=True),
+                  hidden=True, strict=False)
     assert [c.name for c in naive.cases if not c.passed] == ["large logits stay finite", "T <= 0 raises ValueError"]
 
 

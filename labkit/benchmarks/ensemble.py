@@ -60,7 +60,8 @@ def run(smoke: bool = False) -> dict:
         "columns": ["K", "loop_ms", "batched_ms", "speedup", "batched_vs_one_member",
                     "loop_peak_MiB", "batched_peak_MiB", "max_abs_diff"],
         "rows": rows,
-        "notes": (f"times are the best of {repeat} runs. one member alone: {single_s * 1e3:.4g} ms per batch. batched_vs_one_member = batched time / one "
+        "notes": (f"times are the best of {repeat} runs. one member alone: {single_s * 1e3:.4g} ms per batch. "
+                  "batched_vs_one_member = batched time / one "
                   "member's time (K would mean no saving). Peak memory is None where torch cannot measure it (CPU)."),
     }
 

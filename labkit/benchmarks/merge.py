@@ -76,7 +76,8 @@ WORKER = textwrap.dedent("""
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     peak = status_mb("VmHWM")
     gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
-    print("RESULT " + json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_mb": None if peak is None else peak - before, "gpu_peak_mb": gpu}))
+    print("RESULT " + json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds,
+                                  "peak_rss_mb": None if peak is None else peak - before, "gpu_peak_mb": gpu}))
 """)
 
 
@@ -193,7 +194,8 @@ def run(smoke: bool = False) -> dict:
                              "max_abs_diff": mk_diff, "n_diff": mk_n})
             else:
                 rows.append({**common, "tool": "mergekit: not installed", "seconds": None, "cpu_s": None,
-                             "peak_rss_MB": None, "time_ratio": None, "cpu_ratio": None, "mem_ratio": None, "max_abs_diff": None, "n_diff": None})
+                             "peak_rss_MB": None, "time_ratio": None, "cpu_ratio": None, "mem_ratio": None,
+                             "max_abs_diff": None, "n_diff": None})
     notes = (f"3 float32 checkpoints of {per_model / 2**20:.1f} MB each (largest tensor {largest / 2**20:.1f} MB); "
              "ratios are against the naive baseline (time_ratio: wall clock, cpu_ratio: CPU seconds of the process, "
              "< 1: faster; mem_ratio < 1: less memory). "
