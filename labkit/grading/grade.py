@@ -310,10 +310,6 @@ def _kill_sessions(groups: list[int]) -> list[int]:
     return left
 
 
-def _stdout(outputs: list) -> str:
-    return "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream" and o.get("name") == "stdout")
-
-
 def _one_line(text: str, limit: int = 160) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
