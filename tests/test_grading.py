@@ -185,7 +185,7 @@ def test_check_wrong_answer_scores_by_group_with_a_core_group_first(demo_questio
     assert "✗ T=0 raises [hidden]: expected ValueError for T=0, but nothing was raised" in out
     assert r.points == 0.0 and "Traceback" not in out
 
-    r = check("zztest.softmax", lambda x, t=1.0: torch.softmax(x / t, -1), hidden=True)  # core right, no error
+    r = check("zztest.softmax", lambda x, t=1.0: torch.softmax(x / t, -1), hidden=True, strict=False)  # core only
     assert (r.passed, r.points) == (2, 2.0)  # the core group's weight 2 of 3
 
 
@@ -428,9 +428,25 @@ def test_hidden_check_needs_the_instructor_bank(tmp_path):
     import sys
 
     code = ("import torch\nfrom labkit.grading import check, instructor_bank\n"
-            "r = check('welcome.agreement', lambda a, b: (a == b).double().mean().item(), hidden=True)\n"
-            "print('bank', instructor_bank(), 'cases', r.total)")
+            "f = lambda a, b: (a == b).double().mean().item()\n"
+            "r = check('welcome.agreement', f, hidden=True, strict=False)\n"
+            "print('bank', instructor_bank(), 'cases', r.total)\n"
+            "try:\n    check('welcome.agreement', f, hidden=True)\nexcept AssertionError as e:\n    print('raised:', e)")
     env = dict(os.environ, LABKIT_BANK=str(tmp_path / "no-bank-here"))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
     assert "only available where the instructor bank is present" in out
     assert "bank None cases 1" in out  # only the visible case ran
+    # a strict (nbgrader) hidden check must not pass tests it could not run
+    assert "raised: welcome.agreement: the hidden cases could not run (no instructor bank)" in out
+
+
+def test_grade_refuses_a_missing_bank_and_a_bad_memory_limit(tmp_path, capsys):
+    from labkit.cli import main
+
+    nb = tmp_path / "alice_00_welcome.ipynb"
+    nb.write_text('{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}')
+    assert main(["grade", str(nb), "--out", str(tmp_path / "g"), "--bank", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert "no instructor bank at" in err and len(err.strip().splitlines()) == 1
+    assert main(["grade", str(nb), "--out", str(tmp_path / "g"), "--memory-gb", "0"]) == 2
+    assert "--memory-gb must be a positive number of GiB" in capsys.readouterr().err

@@ -187,18 +187,25 @@ def attacks(tmp_path_factory):
             "def ensemble_next_token(member_logits, weights, rule='linear'):\n"
             "    return E.ensemble_next_token(member_logits, weights, rule)"),
     }
-    for name, nb in notebooks.items():
-        nbformat.write(nb, str(subs / f"{name}.ipynb"))
+    paths = []
+    for name, nb in notebooks.items():  # nbgrader's layout: STUDENT/LAB.ipynb
+        lab = nb.metadata["labkit"]["notebook"]
+        (subs / name).mkdir()
+        nbformat.write(nb, str(subs / name / f"{lab}.ipynb"))
+        paths.append(subs / name / f"{lab}.ipynb")
     t0 = time.monotonic()
-    graded, problems, csv_path = grade(sorted(subs.iterdir()), out, cell_timeout=CELL_TIMEOUT, timeout=TIMEOUT,
-                                       jobs=2, bank=BANK, memory_gb=3)
+    graded, problems, book = grade(paths, out, cell_timeout=CELL_TIMEOUT, timeout=TIMEOUT, jobs=2, bank=BANK,
+                                   memory_gb=3)
     seconds = time.monotonic() - t0
-    grades_after = csv_path.read_bytes()
+    csv_path = out / "grades.csv"
+    grades_after = {f: (out / f).read_bytes() for f in ("grades.csv", "gradebook.csv")}
     time.sleep(7)  # the detached child would have written by now
     with open(csv_path, newline="") as f:
         rows = {r["student"]: r for r in csv.DictReader(f)}
-    return dict(graded={g["student"]: g for g in graded}, problems=problems, rows=rows, out=out, seconds=seconds,
-                grades_after=grades_after, csv_path=csv_path)
+    by_student = {e.student: e.result for e in book.entries}
+    return dict(graded=by_student, problems=problems, rows=rows, out=out, seconds=seconds,
+                grades_after=grades_after, csv_path=csv_path, labs={n: nb.metadata["labkit"]["notebook"]
+                                                                    for n, nb in notebooks.items()})
 
 
 def total(attacks, name):
@@ -206,7 +213,7 @@ def total(attacks, name):
 
 
 def feedback(attacks, name):
-    return (attacks["out"] / "feedback" / f"{name}.md").read_text()
+    return (attacks["out"] / "feedback" / name / f"{attacks['labs'][name]}.md").read_text()
 
 
 def test_honest_submission_keeps_full_marks(attacks):  # (the blank release scoring 0: test_grading_e2e)
@@ -235,8 +242,8 @@ def test_sys_exit_costs_only_the_answer_that_exits(attacks):
 
 def test_a_detached_child_dies_with_grading_and_cannot_touch_the_grades(attacks):
     assert total(attacks, "detached_child") == 6
-    assert attacks["csv_path"].read_bytes() == attacks["grades_after"]
-    assert b"hacked" not in attacks["csv_path"].read_bytes()
+    for name, before in attacks["grades_after"].items():
+        assert (attacks["out"] / name).read_bytes() == before and b"hacked" not in before
     alive = []
     for pid in os.listdir("/proc"):
         try:
@@ -249,7 +256,10 @@ def test_a_detached_child_dies_with_grading_and_cannot_touch_the_grades(attacks)
 
 def test_reading_the_bank_or_writing_the_grades_from_the_kernel_fails_and_memory_is_limited(attacks):
     assert total(attacks, "read_bank") == 6
-    nb = nbformat.read(attacks["out"] / "executed" / "read_bank.ipynb", as_version=4)
+    executed = [p for p in (attacks["out"] / "executed").glob("*.ipynb")
+                if "BANK" in p.read_text() or "bank in kernel" in p.read_text()]
+    assert len(executed) == 1
+    nb = nbformat.read(executed[0], as_version=4)
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "READ" not in text and text.count("BLOCKED") == 3, text
     assert "bank in kernel: None" in text
@@ -293,5 +303,3 @@ def test_import_only_and_wrapper_notebooks_are_locked_with_the_reason(attacks):
 def test_the_sandbox_mode_is_reported(attacks):
     modes = {g["sandbox"] for g in attacks["graded"].values()}
     assert modes == {sandbox.detect_mode()}
-    if sandbox.detect_mode() == "none":
-        assert any("sandbox" in p for p in attacks["problems"])

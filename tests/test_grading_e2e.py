@@ -90,13 +90,13 @@ def _points(row):
 
 def test_grade_exits_nonzero_only_for_the_ungradable_submission(graded):
     assert graded["rc"] == 1
-    assert set(graded["rows"]) == {"solution", "untouched", "broken", "crashy_00_welcome"}
+    assert set(graded["rows"]) == {"solution", "untouched", "broken", "crashy"}  # crashy_00_welcome.ipynb: crashy
 
 
 def test_csv_columns(graded):
     row = graded["rows"]["solution"]
     assert list(row) == ["student", "notebook", "welcome.softmax", "welcome.accuracy", "welcome.average_probs",
-                         "welcome.agreement", "total", "max"]
+                         "welcome.agreement", "total", "max", "file"]
     assert row["notebook"] == "00_welcome" and row["max"] == "6"
 
 
@@ -110,7 +110,7 @@ def test_solution_gets_full_points(graded):
 def test_untouched_student_version_gets_zero_and_feedback_for_every_question(graded):
     row = graded["rows"]["untouched"]
     assert set(_points(row).values()) == {0.0} and row["total"] == "0"
-    fb = (graded["out"] / "feedback" / "untouched.md").read_text()
+    fb = (graded["out"] / "feedback" / "untouched" / "00_welcome.md").read_text()
     for qid in ("welcome.softmax", "welcome.accuracy", "welcome.average_probs", "welcome.agreement"):
         assert f"## {qid} (" in fb
     assert fb.count("Not implemented yet") == 4
@@ -121,7 +121,7 @@ def test_wrong_crashing_and_looping_answers_cost_only_their_questions(graded):
     assert p["welcome.softmax"] == 1.2  # core group (weight 3 of 5) right; stable and errors groups wrong
     assert p["welcome.accuracy"] == 0 and p["welcome.average_probs"] == 0
     assert p["welcome.agreement"] == 1
-    fb = (graded["out"] / "feedback" / "broken.md").read_text()
+    fb = (graded["out"] / "feedback" / "broken" / "00_welcome.md").read_text()
     # a hidden case's failure says what was checked, never the expected values
     assert ("✗ large logits stay finite [hidden]: probabilities of logits near ±1000 (subtract the max before exp): "
             "wrong answer (the values of hidden cases are not shown)") in fb
@@ -133,16 +133,16 @@ def test_wrong_crashing_and_looping_answers_cost_only_their_questions(graded):
 
 
 def test_dead_kernel_is_restarted_and_grading_goes_on(graded):
-    p = _points(graded["rows"]["crashy_00_welcome"])
+    p = _points(graded["rows"]["crashy"])
     assert p["welcome.agreement"] == 1 and p["welcome.accuracy"] == 1
     assert p["welcome.softmax"] == 0 and p["welcome.average_probs"] == 0
-    fb = (graded["out"] / "feedback" / "crashy_00_welcome.md").read_text()
+    fb = (graded["out"] / "feedback" / "crashy" / "00_welcome.md").read_text()
     assert "the kernel died while running cell 3; the kernel was restarted" in fb
     assert "`softmax_with_temperature` is not defined in the notebook" in fb
 
 
 def test_unknown_notebook_is_named(graded):
-    assert not (graded["out"] / "feedback" / "mystery.md").exists()
+    assert not (graded["out"] / "feedback" / "mystery").exists()
     # the message was printed during the fixture; check it through a fresh, fast run of prepare()
     from labkit.grading.grade import prepare
 

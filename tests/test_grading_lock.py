@@ -79,11 +79,15 @@ def test_runtime_lock_sees_a_call_hidden_from_the_source():
 
 
 def test_check_reports_the_lock_and_scores_zero(capsys):
-    r = check("ensemble.linear_interpolate", lambda logits, weights: ens.linear_interpolate(logits, weights),
-              hidden=True)
+    def wrapper(logits, weights):
+        return ens.linear_interpolate(logits, weights)
+
+    r = check("ensemble.linear_interpolate", wrapper, hidden=True, strict=False)
     out = capsys.readouterr().out
-    assert r.points == 0 and r.locked
+    assert r.points == 0 and r.locked and not r.ok and r.passed == r.total
     assert "this exercise asks you to write it; you called labkit.ensemble.linear_interpolate" in out
+    with pytest.raises(AssertionError, match="you called labkit.ensemble.linear_interpolate"):
+        check("ensemble.linear_interpolate", wrapper, hidden=True)  # nbgrader's hidden cell: 0 points
 
 
 def test_runtime_lock_without_importing_anything(monkeypatch):

@@ -20,7 +20,6 @@ ignores interrupts is restarted and the cells that ran fine are replayed, within
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import multiprocessing
@@ -44,7 +43,7 @@ _PRELOAD_TIMEOUT = 120.0  # importing torch and the call runner in a fresh kerne
 _STARTUP_TIMEOUT = 120.0  # seconds a kernel gets to start
 
 
-class GradeError(Exception):
+class GradeError(ValueError):
     """A submission that cannot be graded (unreadable, unknown notebook, no questions)."""
 
 
@@ -309,10 +308,6 @@ def _kill_sessions(groups: list[int]) -> list[int]:
             except OSError:
                 left.append(int(entry))
     return left
-
-
-def _stdout(outputs: list) -> str:
-    return "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream" and o.get("name") == "stdout")
 
 
 def _one_line(text: str, limit: int = 160) -> str:
@@ -625,31 +620,21 @@ def feedback_markdown(graded: dict, questions: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_reports(graded: list[dict], subs: dict[str, Submission], out: Path) -> Path:
-    qcols: list[str] = []
-    for g in graded:
-        for q in subs[g["student"]].questions:
-            if q["qid"] not in qcols:
-                qcols.append(q["qid"])
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / "grades.csv"
-    tmp_csv = out / f".grades.csv.{os.getpid()}.tmp"
-    with open(tmp_csv, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["student", "notebook", *qcols, "total", "max"])
-        for g in graded:
-            res, qs = g["results"], subs[g["student"]].questions
-            total = sum(r["points"] for r in res.values())
-            w.writerow([g["student"], g["notebook"], *(_pts(res[c]["points"]) if c in res else "" for c in qcols),
-                        _pts(total), _pts(sum(q["points"] for q in qs))])
-    os.replace(tmp_csv, csv_path)
-    fb = out / "feedback"
-    fb.mkdir(exist_ok=True)
-    for g in graded:
-        tmp = fb / f".{g['student']}.md.tmp"
-        tmp.write_text(feedback_markdown(g, subs[g["student"]].questions), encoding="utf-8")
-        os.replace(tmp, fb / f"{g['student']}.md")
-    return csv_path
+def _write_reports(graded: list[dict], subs: dict[str, Submission], out: Path, problems: list[str] = (),
+                   roster=None):
+    """The gradebook (labkit.grading.gradebook): gradebook.csv, grades.csv, report.md, histograms/ and
+    feedback/STUDENT/LAB.md; returns it."""
+    from . import gradebook
+    from .questions import notebooks
+
+    book = gradebook.build([(subs[g["student"]].path, g) for g in graded], roster, problems, labs=notebooks())
+
+    def feedback(entry) -> str:
+        questions = subs[entry.result["student"]].questions
+        return feedback_markdown({**entry.result, "student": entry.student}, questions)
+
+    gradebook.write(book, out, feedback)
+    return book
 
 
 # ----------------------------------------------------------------------------------------------
@@ -710,16 +695,19 @@ def _hide_list(bank: Path, out: Path, paths: list[Path]) -> list[str]:
 
 
 def grade(paths: list[str | Path], out: str | Path, cell_timeout: float = 120.0, timeout: float = 900.0,
-          jobs: int | None = None, save_executed: bool = True, bank: str | Path | None = None,
-          memory_gb: float = 6.0) -> tuple[list[dict], list[str], Path | None]:
-    """Grade submissions; return (graded dicts, problems, path of grades.csv or None).
+          jobs: int | None = None, save_executed: bool = True, roster=None, bank: str | Path | None = None,
+          memory_gb: float = 6.0):
+    """Grade submissions and write the gradebook into ``out``; return (graded dicts, problems, gradebook).
 
+    ``roster``: gradebook.read_roster's entries (None: students are named by their files).
     ``bank``: the instructor bank folder with the hidden cases (default: ``LABKIT_BANK`` or the
-    repository's ``instructor/bank``); GradeError when there is none. ``memory_gb``: the data-segment
-    limit of each kernel.
+    repository's ``instructor/bank``); GradeError (a ValueError) when there is none. ``memory_gb``: the
+    data-segment limit of each kernel.
     """
     from .questions import default_instructor_bank, load_instructor_bank
 
+    if not (isinstance(memory_gb, (int, float)) and 0 < memory_gb < float("inf")):
+        raise ValueError(f"--memory-gb must be a positive number of GiB, got {memory_gb}")
     out = Path(out)
     bank_path = Path(bank) if bank else default_instructor_bank()
     if bank_path is None or not Path(bank_path).is_dir():
@@ -753,39 +741,42 @@ def grade(paths: list[str | Path], out: str | Path, cell_timeout: float = 120.0,
                 graded = list(pool.map(_grade_star, work))
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    if graded and sandbox.detect_mode() == "none":
-        problems.append("sandbox: neither root nor user namespaces are available here, so a process a submission "
-                        "detached could outlive grading, and kernels can read what the grader's user can read")
+    if graded and sandbox.detect_mode() == "none":  # a warning, not a file that could not be graded
+        print("labkit grade: warning: neither root nor user namespaces are available here, so a process a "
+              "submission detached could outlive grading, and kernels can read what the grader's user can read",
+              file=sys.stderr)
     for s in subs:  # belt and braces: grading must never change a submission
         if s.path.exists() and hashlib.sha256(s.path.read_bytes()).hexdigest() != hashes[s.path]:
             problems.append(f"{s.path}: the file changed while it was being graded (by something else)")
     for g in graded:
         if g.get("error"):
             problems.append(f"{g['student']}: {g['error']}")
-    csv_path = _write_reports(graded, {s.student: s for s in subs}, out) if graded else None
-    return graded, problems, csv_path
+    book = _write_reports(graded, {s.student: s for s in subs}, out, problems, roster)
+    return graded, problems, book
 
 
 def grade_cli(args) -> int:
-    t0 = time.monotonic()
-    try:
-        graded, problems, csv_path = grade(args.submissions, args.out, cell_timeout=args.cell_timeout,
-                                           timeout=args.timeout, jobs=getattr(args, "jobs", None),
-                                           bank=getattr(args, "bank", None),
-                                           memory_gb=getattr(args, "memory_gb", None) or 6.0)
-    except (GradeError, OSError, ValueError) as e:
-        print(f"labkit grade: error: {e}", file=sys.stderr)
-        return 2
-    for p in problems:
-        print(f"labkit grade: could not grade {p}", file=sys.stderr)
-    if graded:
-        totals = [sum(r["points"] for r in g["results"].values()) for g in graded]
-        nbs = ", ".join(sorted({g["notebook"] for g in graded}))
-        mx = max(sum(r["max_points"] for r in g["results"].values()) for g in graded)
-        print(f"graded {len(graded)} of {len(args.submissions)} submission(s) ({nbs}) in {time.monotonic() - t0:.0f} s: "
-              f"mean {sum(totals) / len(totals):.2f} / {_pts(mx)} points (min {_pts(min(totals))}, max {_pts(max(totals))})"
-              f" -> {csv_path}, {Path(args.out) / 'feedback'}/")
-    else:
-        print(f"graded 0 of {len(args.submissions)} submission(s)")
-    return 1 if problems else 0
+    """Exit 0: every file graded and counted; 1: a file could not be graded or counted (named on stderr);
+    bad arguments raise ValueError (the CLI prints one line and exits 2). The numbers are checked by
+    labkit.cli."""
+    from . import gradebook
 
+    t0 = time.monotonic()
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    roster = gradebook.read_roster(args.roster) if getattr(args, "roster", None) else None
+    paths = gradebook.find_submissions(args.submissions, out)
+    graded, problems, book = grade(paths, out, cell_timeout=args.cell_timeout, timeout=args.timeout,
+                                   jobs=getattr(args, "jobs", None), roster=roster, bank=getattr(args, "bank", None),
+                                   memory_gb=getattr(args, "memory_gb", 6.0))
+    for line in book.notices():
+        print(f"labkit grade: {line}", file=sys.stderr)
+    for s in book.summaries():
+        stats = (f"mean {s.mean:.2f}, median {_pts(s.median)}, min {_pts(min(s.totals))}, max {_pts(max(s.totals))}"
+                 if s.totals else "none counted")
+        print(f"{s.lab}: {s.n} counted of {_pts(s.max_points)} points: {stats}")
+    print(f"graded {len(graded)} of {len(paths)} file(s) for {len(book.students)} student(s) in "
+          f"{time.monotonic() - t0:.0f} s -> {out / 'gradebook.csv'}, {out / 'report.md'}, {out / 'feedback'}/")
+    failed = problems or book.duplicates or any(g.get("error") for g in graded)
+    return 1 if failed else 0

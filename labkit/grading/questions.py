@@ -341,7 +341,7 @@ class CheckResult:
 
     @property
     def ok(self) -> bool:
-        return self.passed == self.total
+        return self.passed == self.total and not self.locked
 
     @property
     def points(self) -> float:
@@ -494,7 +494,7 @@ def run_question(qid: str, fn, hidden: bool = False) -> CheckResult:
     return CheckResult(q.id, q.points, cases, hidden, dict(q.groups))
 
 
-def check(qid: str, fn, hidden: bool = False) -> CheckResult:
+def check(qid: str, fn, hidden: bool = False, strict: bool | None = None) -> CheckResult:
     """Run question ``qid``'s visible cases (and hidden ones with ``hidden=True``) on ``fn``; print a verdict.
 
     Never raises for a wrong or crashing answer: it prints one line per case (expected vs got, shapes,
@@ -503,14 +503,20 @@ def check(qid: str, fn, hidden: bool = False) -> CheckResult:
     failed check raise after printing (for nbgrader's autograder, which scores a test cell by whether it
     raises). An unknown ``qid`` raises UnknownQuestion listing the known ids.
 
+    ``strict`` (default: ``hidden``): a failed check raises CheckFailure (an AssertionError) after
+    printing, so the hidden test cells score 0 under nbgrader's autograder for a wrong answer.
+
     ``hidden=True`` needs the instructor bank (``instructor/bank`` of the repository or ``LABKIT_BANK``);
-    without it only the visible cases run and a note says so. ``check`` is a learning aid that runs in
-    the notebook's own process; grades come from ``labkit grade``, which checks answers out of the
-    notebook's reach. An answer that calls a function that answers the exercise (the question's
-    ``implemented_by``) is reported and scores 0.
+    without it only the visible cases run, a note says so, and a strict check raises (nbgrader must not
+    give the points of tests it could not run). ``check`` is a learning aid that runs in the notebook's
+    own process; grades come from ``labkit grade``, which checks answers out of the notebook's reach.
+    An answer that calls a function that answers the exercise (the question's ``implemented_by``) is
+    reported, scores 0 and fails a strict check.
     """
+    strict = hidden if strict is None else strict
     q = get_question(qid)
-    if hidden and instructor_bank() is None:
+    missing_bank = hidden and instructor_bank() is None
+    if missing_bank:
         print(f"note: the hidden cases of {qid} are only available where the instructor bank is present "
               f"(labkit grade --bank DIR, or LABKIT_BANK); running the visible cases")
         hidden = False
@@ -522,8 +528,11 @@ def check(qid: str, fn, hidden: bool = False) -> CheckResult:
         result.locked = True
         result.message = lock_message(seen)
     print(result.verdict())
-    if not result.ok and os.environ.get("LABKIT_CHECK_STRICT", "") not in ("", "0"):
-        raise CheckFailure(f"{qid}: {result.passed}/{result.total} cases passed")
+    if strict and missing_bank:
+        raise CheckFailure(f"{qid}: the hidden cases could not run (no instructor bank)")
+    if not result.ok and (strict or os.environ.get("LABKIT_CHECK_STRICT", "") not in ("", "0")):
+        why = f": {result.message}" if result.locked else ""
+        raise CheckFailure(f"{qid}: {result.passed}/{result.total} cases passed{why}")
     return result
 
 

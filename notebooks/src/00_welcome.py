@@ -253,6 +253,7 @@ for ax, t, p in zip(axes, temps, probs_t):
     ax.bar(range(10), p.numpy())
     ax.set_title(f"T = {t}")
     ax.set_xticks(range(10))
+    ax.set_ylim(0, 1)  # a fixed scale: the flattening is the lesson, not the height of one bar
 axes[0].set_ylabel("probability")
 fig.suptitle(f"digits/mlp-s0 on test digit #3 (label {digits.y_test[3].item()})")
 plt.tight_layout()
@@ -260,6 +261,47 @@ plt.show()
 entropy = [-(p * p.clamp_min(1e-12).log()).sum().item() for p in probs_t]
 print("entropy grows with the temperature:", entropy[0] < entropy[1] < entropy[2])
 print("the most likely class is the same at every temperature:", len({int(p.argmax()) for p in probs_t}) == 1)
+
+# %% [markdown]
+# The same temperature on a **language model**: the base LM's distribution over its next character,
+# for a prompt where it is sure (the reverse of `abcd` starts with `d`) and one where many characters
+# fit (a chat sentence after "the cat "). Move the slider: at $T \to 0$ all the mass goes to the top
+# character (greedy decoding); at large $T$ the distribution tends to uniform over the vocabulary
+# (sampling at a high temperature writes noise). The logits are computed once; the slider only redraws.
+
+# %%
+lm_prompts = {"sure: r:abcd= (reverse)": "r:abcd=", "unsure: t:the cat (chat)": "t:the cat "}
+with torch.no_grad():
+    next_logits = {name: base(torch.tensor([tok(p)["input_ids"]], device=device)).logits[0, -1].float().cpu()
+                   for name, p in lm_prompts.items()}  # [V] per prompt
+# the 12 characters most likely at T = 1, in that order, so the bars stay put as T moves
+shown_ids = {name: z.topk(12).indices for name, z in next_logits.items()}
+
+
+def draw_next_token(temperature=1.0):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 2.8), sharey=True)
+    for ax, (name, z) in zip(axes, next_logits.items()):
+        p = softmax_with_temperature(z, temperature)
+        ids = shown_ids[name]
+        ax.bar([repr(tok.decode([int(i)])) for i in ids], p[ids].numpy())
+        ent = -(p * p.clamp_min(1e-12).log()).sum().item()
+        ax.set_title(f"{name}\nT = {temperature:.2f}, entropy {ent:.2f} nats", fontsize=9)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("P(next character)")
+    plt.tight_layout()
+    plt.show()
+
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+try:
+    import ipywidgets as widgets
+    widgets.interact(draw_next_token, temperature=widgets.FloatLogSlider(
+        value=1.0, base=10, min=-1, max=1, step=0.05, description="T"))
+except ImportError:  # no widgets here: draw three temperatures instead
+    print("ipywidgets is not installed: three temperatures instead of a slider")
+    for t in (0.3, 1.0, 10.0):
+        draw_next_token(t)
 
 
 # %% [markdown]
@@ -358,7 +400,7 @@ for split, split_logits in [("clean", logits), ("noisy", noisy_logits)]:
 clean, noisy = results["clean"], results["noisy"]
 print("clean digits: the ensemble is within one point of the best seed's accuracy:",
       abs(clean["ensemble_acc"] - max(clean["member_acc"])) < 0.01)
-claim("under pixel noise, averaging five seeds gives a lower log-loss than every single seed",
+claim(1, "under pixel noise, averaging five seeds gives a lower log-loss than every single seed",
       noisy["ensemble_loss"] < min(noisy["member_loss"]),
       detail=f"ensemble {noisy['ensemble_loss']:.3f} vs best seed {min(noisy['member_loss']):.3f}")
 
@@ -410,22 +452,23 @@ print("some test digits are missed by some seeds but not all:", fixable > 0)
 # ## 5. Grading, for instructors
 #
 # The solution notebooks in `notebooks/` are built from Python sources in `notebooks/src/` (the README
-# says how). Solution code sits between nbgrader's
-# `### BEGIN SOLUTION` / `### END SOLUTION` markers and the hidden tests between
-# `### BEGIN HIDDEN TESTS` / `### END HIDDEN TESTS`, so nbgrader users can adopt them as they are
-# (set `LABKIT_CHECK_STRICT=1` when autograding with nbgrader, so that a failed `check` raises). The
-# questions and their visible test cases live in the package (`labkit/grading/bank/`); the hidden cases
-# and their reference implementations stay with the instructor, in `instructor/bank/` of the repository
-# (`labkit grade --bank DIR` for a course's own), never in the package or the student release.
+# says how). Solution code and hidden tests sit between nbgrader's markers, so nbgrader users can adopt
+# the notebooks as they are: each hidden test cell carries its question's points and fails when a case
+# fails, so nbgrader's autograder scores a wrong answer 0. The questions and their visible test cases
+# live in the package (`labkit/grading/bank/`); the hidden cases and their reference implementations
+# stay with the instructor, in `instructor/bank/` of the repository (`labkit grade --bank DIR` for a
+# course's own), never in the package or the student release.
 #
 # ```bash
-# labkit release --out release/              # student versions: stubs, no hidden tests, no outputs
-# labkit grade submissions/*.ipynb --out grades/ --cell-timeout 120 --timeout 900
+# labkit release                              # student versions in release/: stubs, no hidden tests, no outputs
+# labkit grade submissions/ --out grades/     # submissions/STUDENT/LAB.ipynb or submissions/STUDENT_LAB.ipynb
 # ```
 #
 # `labkit grade` runs each submission (a copy; the file itself is never modified) in a fresh, sandboxed
 # kernel, in parallel across CPU cores; the tests run in the grader, which only asks the kernel to call
-# the student's functions on given inputs. It writes `grades/grades.csv` (points per question, total)
-# and one feedback file per student in `grades/feedback/` with every test case's verdict.
+# the student's functions on given inputs. It writes `grades/gradebook.csv` (one row per student: points
+# per question per lab, totals), `grades/report.md` (per-lab summaries, and every file or student that
+# needs a look) and one feedback file per student and lab in `grades/feedback/` with every test case's
+# verdict.
 #
 # **Next:** lab 01, ensembling, starts from the five seeds you just averaged.

@@ -70,11 +70,12 @@ print(f"device: {device_name(device)}, mode: {run_mode()}")
 #
 # Both rules take member logits `[M, ..., V]` (member axis first) and weights `[M]` (one per member) or
 # `[M, ...]` (a different mix at every position, e.g. predicted by a gate). Return log-probabilities;
-# compute in log space: `torch.log_softmax` and `torch.logsumexp` never overflow, `softmax(...).log()`
-# can (your answer is tested on logits near ±1000), and keep the logits' dtype. Both rules raise
-# `ValueError` when the number of weights is not $M$; the linear rule also refuses negative weights or
-# weights that do not sum to 1. In the log-linear rule a member with weight 0 drops out, even where its
-# log-probability is $-\infty$ ($0 \cdot (-\infty)$ is NaN: skip zero-weight terms).
+# compute in log space: `torch.log_softmax` and `torch.logsumexp` stay finite, while `softmax(...).log()`
+# underflows: a probability that rounds to 0 becomes `-inf` (your answer is tested on logits near ±1000).
+# Keep the logits' dtype. Both rules raise `ValueError` when the number of weights is not $M$; the
+# linear rule also refuses negative weights or weights that do not sum to 1. In the log-linear rule a
+# member with weight 0 drops out, even where its log-probability is $-\infty$ ($0 \cdot (-\infty)$ is
+# NaN: skip zero-weight terms).
 
 # %% tags=["solution"]
 def linear_interpolate(logits, weights):
@@ -186,7 +187,7 @@ top_or = [words[linear_interpolate(toy_logits, torch.stack([w, 1 - w])).argmax()
 top_and = [words[log_linear_interpolate(toy_logits, torch.stack([w, 1 - w])).argmax()] for w in sweep]
 print("words the linear mix picks as A's weight goes 0.05 -> 0.95:", sorted(set(top_or), key=top_or.index))
 print("words the log-linear mix picks:                            ", sorted(set(top_and), key=top_and.index))
-claim("linear interpolation behaves like OR, log-linear like AND (constructed example)",
+claim(2, "linear interpolation behaves like OR, log-linear like AND (constructed example)",
       top_or[9] == "mat" and top_and[9] == "hat" and "hat" not in top_or,
       detail=f"weight 0.5: linear -> {top_or[9]}, log-linear -> {top_and[9]}")
 
@@ -343,8 +344,8 @@ for ax, split in zip(axes, ("test", "rotated")):
     ax.bar(x - 0.27, table[f"{split} mean member"], 0.27, label="mean member")
     ax.bar(x, table[f"{split} best member"], 0.27, label="best member (by validation)")
     ax.bar(x + 0.27, table[f"{split} ensemble"], 0.27, label="ensemble")
-    lo = table[[f"{split} mean member", f"{split} best member", f"{split} ensemble"]].values.min()
-    ax.set_ylim(lo - 0.03, min(1.0, table[f"{split} ensemble"].max() + 0.03))
+    shown = table[[f"{split} mean member", f"{split} best member", f"{split} ensemble"]].values
+    ax.set_ylim(max(0.0, shown.min() - 0.03), min(1.0, shown.max() + 0.03))
     ax.set_xticks(x, table.index, rotation=20)
     ax.set_title(f"{split} digits: accuracy")
 axes[0].legend(fontsize=8)
@@ -359,10 +360,10 @@ rot_wins = [r["ensemble"] for r in rows if r["rotated ensemble"] > r["rotated be
 print(f"ensemble kinds: {len(rows)}")
 print("ensemble accuracy > its best member's on clean test digits:", len(acc_wins) >= len(rows) / 2)
 print("ensemble NLL < its best member's on clean test digits:", len(nll_wins) >= len(rows) / 2)
-claim("an ensemble beats its best member (accuracy, clean test, most ensemble kinds)",
+claim(1, "an ensemble beats its best member (accuracy, clean test, most ensemble kinds)",
       len(acc_wins) > len(rows) / 2,
       detail=f"wins {acc_wins}, ties {acc_ties} of {[r['ensemble'] for r in rows]}; rotated wins {rot_wins}")
-claim("an ensemble beats its best member (log-likelihood, clean test, most ensemble kinds)",
+claim(1, "an ensemble beats its best member (log-likelihood, clean test, most ensemble kinds)",
       len(nll_wins) > len(rows) / 2, detail=f"NLL wins {nll_wins}")
 
 # %% [markdown]
@@ -428,7 +429,7 @@ ax.set_title("two-member ensembles on rotated digits")
 plt.tight_layout()
 plt.show()
 print(f"{len(pair_gain)} pairs; most pairs gain:", np.mean(np.array(pair_gain) > 0) > 0.5)
-claim("the ensemble gain grows with member diversity (lower error correlation)", rho < 0 and p_value < 0.05,
+claim(1, "the ensemble gain grows with member diversity (lower error correlation)", rho < 0 and p_value < 0.05,
       detail=f"Spearman rho {rho:.2f} (p={p_value:.1g}) over {len(pair_gain)} pairs")
 
 
@@ -543,7 +544,7 @@ print("held-out exact match:", {k: round(v, 3) for k, v in em.items()})
 
 # %%
 print("EM puts most weight on the addition expert:", w_add[0].item() > 0.5)
-claim("learned mixture weights (~100 examples) beat uniform weights when members specialise",
+claim(3, "learned mixture weights (~100 examples) beat uniform weights when members specialise",
       nll["learned"] < nll["uniform"] and em["learned"] >= em["uniform"],
       detail=f"NLL {nll['learned']:.4f} vs {nll['uniform']:.4f}; "
              f"exact match {em['learned']:.3f} vs {em['uniform']:.3f}")
@@ -627,7 +628,7 @@ print("the log-linear mix gives the correct tokens less probability (vetoes):",
       token_nll["log-linear"] > token_nll["linear"])
 print("with uniform weights both mixes fall far below the right specialist:",
       max(mean_or, mean_and) < min(or_and["add"]["ft-add"], or_and["sort"]["ft-sort"]))
-claim("linear vs log-linear: OR vs AND behaviour on real members",
+claim(2, "linear vs log-linear: OR vs AND behaviour on real members",
       mean_or > mean_and and token_nll["log-linear"] > token_nll["linear"],
       detail=f"mean exact match over add and sort: linear {mean_or:.3f}, log-linear {mean_and:.3f}; "
              f"token NLL {token_nll}; {or_and}")
@@ -676,14 +677,16 @@ record("DExperts steering by alpha", steering)
 print("alpha   'darn' rate   exact match on copy/rev/count")
 for alpha, r in steering.items():
     print(f"{alpha:5.1f}   {r['darn rate']:10.3f}   {r['task exact match']:.3f}")
-fig, ax1 = plt.subplots(figsize=(5, 3))
-ax1.plot(alphas, [r["darn rate"] for r in steering.values()], "o-", color="tab:red", label="'darn' rate")
-ax1.set_xlabel("alpha (anti-expert strength)")
-ax1.set_ylabel("fraction of chat samples with 'darn'", color="tab:red")
-ax2 = ax1.twinx()
-ax2.plot(alphas, [r["task exact match"] for r in steering.values()], "s--", color="tab:blue")
-ax2.set_ylabel("exact match, other tasks", color="tab:blue")
-ax1.set_title("DExperts: base + alpha (expert - anti-expert)")
+fig, ax = plt.subplots(figsize=(5, 3))
+ax.plot(alphas, [r["darn rate"] for r in steering.values()], "o-", color="tab:red",
+        label="chat samples with 'darn'")
+ax.plot(alphas, [r["task exact match"] for r in steering.values()], "s--", color="tab:blue",
+        label="exact match, copy/rev/count")
+ax.set_ylim(-0.02, 1.02)  # both are fractions: one fixed scale, so neither curve is blown up
+ax.set_xlabel("alpha (anti-expert strength)")
+ax.set_ylabel("fraction")
+ax.legend(fontsize=8)
+ax.set_title("DExperts: base + alpha (expert - anti-expert)")
 plt.tight_layout()
 plt.show()
 
@@ -692,7 +695,7 @@ before, after = steering[0.0]["darn rate"], steering[0.5]["darn rate"]
 print("a mild anti-expert (alpha = 0.5) at least halves the rate of 'darn':", after <= before / 2)
 print("strong steering (alpha = 2) costs exact match on copy/rev/count:",
       steering[2.0]["task exact match"] < steering[0.0]["task exact match"])
-claim("a negative (anti-expert) coefficient steers generation away from an unwanted behaviour", after < before,
+claim(4, "a negative (anti-expert) coefficient steers generation away from an unwanted behaviour", after < before,
       detail=f"'darn' rate {before:.3f} -> {after:.3f} at alpha=0.5; "
              + "; ".join(f"alpha {a}: rate {r['darn rate']:.3f}, task exact match {r['task exact match']:.3f}"
                          for a, r in steering.items()))
@@ -837,9 +840,9 @@ print(f"5 digit MLPs on 360 digits: loop {t_loop * 1e3:.2f} ms, one batched call
 print("the batched forward gives the same outputs as the loop:", torch.allclose(looped, batched, atol=1e-5))
 
 # %% [markdown]
-# Even batched, the ensemble still holds K sets of weights. That cost is the motivation for the next
-# two labs: **merging** (lab 02) averages weights into *one* model, which only works for members that
-# share an initialisation, and **distillation** (lab 03) trains one model to imitate the ensemble, for
+# Even batched, the ensemble still holds K sets of weights. That cost is the motivation for two later
+# labs: **merging** (lab 02) averages weights into *one* model, which only works for members that
+# share an initialisation, and **distillation** (lab 04) trains one model to imitate the ensemble, for
 # any members.
 #
 # ## Summary
