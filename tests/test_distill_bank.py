@@ -152,3 +152,28 @@ def test_visible_hand_values_are_the_definitions():
         m = (1 - beta) * p_s + beta * p_t
         ref = beta * (p_t * (p_t / m).log()).sum() + (1 - beta) * (p_s * (p_s / m).log()).sum()
         assert math.isclose(value, float(ref), rel_tol=1e-12)
+
+
+def test_the_solution_notebook_trips_no_lock_and_calls_every_question():
+    from pathlib import Path
+
+    import nbformat
+
+    from labkit.grading import questions_for
+    from labkit.grading.lock import static_lock_check
+
+    nb = nbformat.read(Path(__file__).resolve().parents[1] / "notebooks" / "04_distillation.ipynb", as_version=4)
+    sources = [c.source for c in nb.cells if c.cell_type == "code"]
+    qs = questions_for("04_distillation")
+    assert {q.id for q in qs} == set(SOLUTIONS)
+    for q in qs:
+        assert static_lock_check(sources, q.function, q.implemented_by) == [], q.id
+        assert any(f'check("{q.id}", {q.function})' in s for s in sources), q.id
+
+
+def test_locked_answer_is_found():
+    from labkit.grading import get_question
+    from labkit.grading.lock import static_lock_check
+
+    cells = ["from labkit import distill", "def kd_loss(s, t, T):\n    return distill.forward_kl(s, t, temperature=T)"]
+    assert static_lock_check(cells, "kd_loss", get_question("distill.kd_loss").implemented_by) != []
