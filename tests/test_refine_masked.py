@@ -148,3 +148,15 @@ def test_zoo_masked_refiner_reproduces_its_recorded_metric():
     test = make_examples("sort", 200, seed=99, split="test")
     acc = masked_accuracy(model, [r["prompt"] for r in test], [r["answer"] for r in test], 4)
     assert acc == zoo.info("refine/masked")["metrics"]["mask_predict/sort/steps4"]
+
+
+def test_left_to_right_baseline_spends_one_pass_per_token():
+    from labkit.models import make_llama
+
+    model = make_llama("tiny", seed=0).eval()
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(1))
+    masked.left_to_right(model, ["s:321=", "a:1+2="], 3)
+    assert 1 <= len(calls) <= 3  # generate stops early only if every row emitted <eos>
+    with pytest.raises(ValueError, match="forward_passes"):
+        masked.left_to_right(model, ["s:1="], 0)

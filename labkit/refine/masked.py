@@ -254,3 +254,13 @@ def fill(model, prompts, steps: int, method: str = "mask_predict", temperature: 
         out += decode_answers(methods[method](model, ids.to(device), mask.to(device), steps, temperature, generator))
     model.train(was_training)
     return out
+
+
+def left_to_right(causal_model, prompts, forward_passes: int) -> list[str]:
+    """The baseline at equal compute: a causal LM decoding greedily with ``forward_passes`` passes, one token
+    each (an answer of m characters plus <eos> needs m + 1). Unfinished answers are returned as they stand."""
+    from labkit.data import generate_answers
+
+    if forward_passes < 1:
+        raise ValueError(f"forward_passes must be >= 1, got {forward_passes}")
+    return generate_answers(causal_model, list(prompts), max_new_tokens=forward_passes)
