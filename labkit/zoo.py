@@ -123,12 +123,15 @@ for _i, _kind in enumerate(("rotate", "thicken", "noise")):
             f"seed {40 + _i}", arch=_MLP, parent="digits/soup-base", seed=40 + _i, steps=400, lr=1e-3,
             weight_decay=1e-4, batch_size=64, train_shift=_kind)
 
-# refinement lab: a bidirectional masked refiner, and a reviser and a critic for lm/student's drafts
-REFINE_TASKS = ["sort", "add"]
+# refinement lab: a bidirectional masked refiner, and a reviser and a critic for lm/student's drafts.
+# 'perm' (any rearrangement of the letters, labkit.refine.training.permutation_examples) has many right
+# answers, which is where filling every position at once fails and refinement steps matter.
+REFINE_TASKS = ["sort", "add", "perm"]
 RECIPES["refine/masked"] = {
     "kind": "masked_lm", "description": "BERT-style bidirectional masked LM 'small' (0.43M params) that fills "
-    "sort and add answers from all-[MASK] (Mask-Predict / masked diffusion); trained by masking answers at "
-    "random rates; stored in bf16", "size": "small", "init_seed": 0, "tasks": REFINE_TASKS, "n_train": 40000,
+    "sort, add and perm (any rearrangement) answers from all-[MASK] (Mask-Predict / masked diffusion); trained "
+    "by masking answers at random rates; stored in bf16", "size": "small", "init_seed": 0, "tasks": REFINE_TASKS,
+    "n_train": 60000,
     "steps": 1500, "lr": 2e-3, "batch_size": 128, "data_seed": 50}
 RECIPES["refine/reviser"] = {
     "kind": "reviser", "description": "lm/student fine-tuned to revise (input, draft, verdict) into the right "
@@ -136,8 +139,9 @@ RECIPES["refine/reviser"] = {
     "parent": "lm/student", "generator": "lm/student", "tasks": ["add"], "n_train": 12000, "steps": 800,
     "lr": 2e-3, "batch_size": 128, "data_seed": 51}
 RECIPES["refine/critic"] = {
-    "kind": "critic", "description": "lm/student fine-tuned to judge (input, draft) as right 'y' or wrong 'n' "
-    "on add (the learned feedback source); stored in bf16", "parent": "lm/student", "generator": "lm/student",
+    "kind": "critic", "description": "lm/teacher fine-tuned to judge lm/student's (input, draft) as right 'y' or "
+    "wrong 'n' on add (the learned feedback source; judging a sum needs a model that can add); stored in bf16",
+    "parent": "lm/teacher", "generator": "lm/student",
     "tasks": ["add"], "n_train": 12000, "steps": 600, "lr": 2e-3, "batch_size": 128, "data_seed": 52}
 
 
@@ -372,24 +376,22 @@ def _bf16_round_trip(model):
 
 
 def _build_masked_lm(name, recipe, device):
-    from .data import get_tokenizer, make_examples
+    from .data import get_tokenizer
     from .refine.masked import make_masked_lm
-    from .refine.training import masked_accuracy, train_masked_lm
+    from .refine.training import masked_accuracy, task_examples, train_masked_lm
 
     model = make_masked_lm(recipe["size"], seed=recipe["init_seed"])
-    rows = make_examples(recipe["tasks"], recipe["n_train"], seed=recipe["data_seed"])
+    rows = task_examples(recipe["tasks"], recipe["n_train"], seed=recipe["data_seed"])
     train_masked_lm(model, [r["prompt"] for r in rows], [r["answer"] for r in rows], steps=recipe["steps"],
                     batch_size=recipe["batch_size"], lr=recipe["lr"], seed=recipe["data_seed"], device=device,
                     progress=True)
     save = _bf16_round_trip(model)
     metrics = {}
     for task in recipe["tasks"]:
-        test = make_examples(task, 200, seed=99, split="test")
-        prompts, answers = [r["prompt"] for r in test], [r["answer"] for r in test]
+        prompts = [r["prompt"] for r in task_examples(task, 200, seed=99, split="test")]
         for method in ("mask_predict", "diffusion"):
             for steps in (1, 2, 4, 8):
-                metrics[f"{method}/{task}/steps{steps}"] = round(
-                    masked_accuracy(model, prompts, answers, steps, method), 4)
+                metrics[f"{method}/{task}/steps{steps}"] = round(masked_accuracy(model, prompts, steps, method), 4)
     return model, metrics, lambda d: (save(d), get_tokenizer().save_pretrained(d))
 
 

@@ -139,15 +139,13 @@ def test_fill_rejects_an_unknown_method():
 
 def test_zoo_masked_refiner_reproduces_its_recorded_metric():
     from labkit import zoo
-    from labkit.data import make_examples
-    from labkit.refine.training import masked_accuracy
+    from labkit.refine.training import masked_accuracy, task_examples
 
     if "refine/masked" not in zoo.read_manifest()["entries"]:
         pytest.skip("refine/masked is not built")
     model = zoo.load("refine/masked", device="cpu")
-    test = make_examples("sort", 200, seed=99, split="test")
-    acc = masked_accuracy(model, [r["prompt"] for r in test], [r["answer"] for r in test], 4)
-    assert acc == zoo.info("refine/masked")["metrics"]["mask_predict/sort/steps4"]
+    prompts = [r["prompt"] for r in task_examples("perm", 200, seed=99, split="test")]
+    assert masked_accuracy(model, prompts, 4) == zoo.info("refine/masked")["metrics"]["mask_predict/perm/steps4"]
 
 
 def test_left_to_right_baseline_spends_one_pass_per_token():
@@ -160,3 +158,15 @@ def test_left_to_right_baseline_spends_one_pass_per_token():
     assert 1 <= len(calls) <= 3  # generate stops early only if every row emitted <eos>
     with pytest.raises(ValueError, match="forward_passes"):
         masked.left_to_right(model, ["s:1="], 0)
+
+
+def test_permutation_task_has_many_right_answers_and_disjoint_splits():
+    from labkit.refine.self_refine import check_answer
+    from labkit.refine.training import permutation_examples, task_examples
+
+    train, test = permutation_examples(300, seed=0), permutation_examples(100, seed=0, split="test")
+    assert {r["prompt"] for r in train}.isdisjoint(r["prompt"] for r in test)
+    assert all(check_answer(r["prompt"], r["answer"]) for r in train + test)
+    assert check_answer("m:abca=", "caba") and not check_answer("m:abca=", "abcc")
+    mixed = task_examples(["sort", "perm"], 5, seed=1)
+    assert [r["task"] for r in mixed] == ["sort", "perm", "sort", "perm", "sort"]

@@ -21,6 +21,12 @@ Decoding, with ``T`` iterations over a slot of length ``L`` (the paper's N):
   committed tokens never change; at step t the model predicts every still-masked position and commits
   the most confident ones, so that k_t = floor(L (T - t) / T) positions stay masked (linear schedule).
 
+Why iterate at all: if every position has one right token given the prompt (sort, add), one parallel pass
+can already be right. When many answers are right (the lab's 'perm' task: any rearrangement of the
+letters), each position's marginal spreads over them and a single pass mixes answers (duplicated and
+missing letters, the "multi-modality problem" of non-autoregressive decoding, Gu et al. 2018); every
+iteration conditions the re-predicted positions on the kept ones and settles on one answer.
+
 Sampling (``temperature > 0``) draws from softmax(logits / temperature) computed in float64 on the CPU
 with a seeded generator: low precision flattens the tail and flatters quality. ``temperature == 0`` is
 greedy. Vocabulary: the kit's ``labkit.data.VOCAB`` has no spare id, so [MASK] is one id past it
@@ -202,6 +208,7 @@ def mask_predict(model, prompt_ids, prompt_mask, iterations: int, temperature: f
     remasked) for figures. Iteration 0 re-masks everything (the slot starts as all [MASK]).
     """
     B, L = prompt_ids.shape[0], ANSWER_WIDTH
+    remask_count(0, iterations, L)  # validates ``iterations``
     device = prompt_ids.device
     tokens = torch.full((B, L), MASK_ID, dtype=torch.long, device=device)
     confidence = torch.zeros(B, L, dtype=torch.float64, device=device)
@@ -211,7 +218,6 @@ def mask_predict(model, prompt_ids, prompt_mask, iterations: int, temperature: f
         tokens, confidence, remasked = mask_predict_step(model, prompt_ids, prompt_mask, tokens, confidence, n,
                                                          temperature, generator)
         steps.append({"tokens": tokens.cpu(), "confidence": confidence.cpu(), "remasked": remasked.cpu()})
-    remask_count(0, iterations, L)  # validates ``iterations`` even when the loop did not run
     return (tokens, steps) if trace else tokens
 
 
