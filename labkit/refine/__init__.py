@@ -5,8 +5,8 @@ Methods live in ``pipelines``, ``masked``, ``self_refine`` and ``adaptive``; ``t
 that builds the lab's zoo entries from them.
 """
 from .masked import (ANSWER_WIDTH, MASK_ID, MASKED_VOCAB_SIZE, decode_answers, encode_answers, encode_prompts,
-                     fill, left_to_right, lowest_confidence, make_masked_lm, mask_predict, mask_predict_step, masked_diffusion,
-                     masked_lm_config, predict_tokens, remask_count, slot_logits)
+                     fill, left_to_right, lowest_confidence, make_masked_lm, mask_predict, mask_predict_step,
+                     masked_diffusion, masked_lm_config, predict_tokens, remask_count, slot_logits)
 from .self_refine import (Feedback, Round, accuracy_by_round, check_answer, critic_feedback, critic_prompt,
                           exact_verifier, final_outputs, lm_generator, lm_reviser, noisy_verifier, revision_prompt,
                           self_feedback, self_refine, sequence_probability, should_stop)
