@@ -106,6 +106,7 @@ def test_run_cascade_records_intermediates_and_stacks_inputs():
     first = lambda xs: [x[0] if isinstance(x, str) else x[0] + x[1][0] for x in xs]  # noqa: E731
     out = run_cascade([upper, first], ["ab", "cd"])
     assert out["intermediates"] == [["AB", "CD"], ["A", "C"]] and out["outputs"] == ["A", "C"]
-    assert run_cascade([upper, first], ["ab", "cd"], stack=True)["outputs"] == ["abA", "cdC"]  # stage 2 got (input, stage-1 output) pairs
+    # stacked: stage 2 gets (input, stage-1 output) pairs
+    assert run_cascade([upper, first], ["ab", "cd"], stack=True)["outputs"] == ["abA", "cdC"]
     with pytest.raises(ValueError, match="stage 1 returned 1 outputs for 2 inputs"):
         run_cascade([upper, lambda xs: ["x"]], ["ab", "cd"])
