@@ -221,7 +221,8 @@ def info(name: str) -> dict:
 
 # The files each kind of recipe writes that a model cannot load without (``build`` lists whatever
 # the save wrote; these must be among them).
-RECIPE_FILES = {"lm": ("config.json", "model.safetensors", "tokenizer.json"),
+_HF_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+RECIPE_FILES = {"lm": _HF_FILES, "reviser": _HF_FILES, "critic": _HF_FILES, "masked_lm": _HF_FILES,
                 "digits": ("classifier.json", "model.safetensors")}
 
 
