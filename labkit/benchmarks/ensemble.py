@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from labkit.bench import peak_memory, time_fn
+from labkit.benchmarks import peak_memory, time_fn
 from labkit.device import get_device
 from labkit.ensemble.members import loop_forward, stack_members, stacked_forward
 

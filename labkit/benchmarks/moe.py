@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..moe import backends as md
-from ..bench import peak_memory, time_fn
+from . import peak_memory, time_fn
 from ..device import get_device, synchronize
 
 LABKIT_IMPLS = ("loop", "sort", "grouped", "gather", "auto")
