@@ -24,6 +24,7 @@ import torch
 
 from . import merge, zoo
 from .data import encode_for_training, make_examples
+from .device import device_name
 
 # ----------------------------------------------------------------------------- scoring
 
@@ -41,7 +42,7 @@ def teacher_forced_exact_match(model, rows) -> float:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     pred, labels = logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
     correct = ((pred == labels) | (labels == -100)).all(-1)
-    return correct.float().mean().item()
+    return correct.sum().item() / correct.numel()
 
 
 def val_test_split(task: str, n: int, seed: int = 99) -> dict[str, dict]:
@@ -125,7 +126,7 @@ def _round(x):
 
 
 def run_sweep(base_name: str, ft_names: dict[str, str], controls=("copy", "rev", "count"), n: int = 150,
-              lambdas=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0), densities=(0.1, 0.2, 0.5),
+              lambdas=(0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5), densities=(0.1, 0.2, 0.5),
               task_counts=(2, 3, 4, 6), drop_rates=(0.0, 0.3, 0.5, 0.7, 0.9, 0.95),
               negation_lambdas=(1.0, 2.0, 4.0), device="cpu", log=print) -> dict:
     """The measured sweep for one base and its single-task fine-tunes ``{task: zoo name}``.
@@ -281,6 +282,8 @@ def main(argv=None) -> int:
     start = time.time()
     result = run_sweep(args.base, {t: args.prefix + t for t in args.tasks.split(",")}, n=args.n)
     result["seconds"] = round(time.time() - start, 1)
+    result["device"] = device_name(torch.device("cpu"))
+    result["torch"] = torch.__version__
     with open(args.out + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     import os
