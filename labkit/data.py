@@ -4,6 +4,9 @@
     copy   "c:dbfa="   -> "dbfa"        rev  "r:dbfa="    -> "afbd"
     sort   "s:3142="   -> "1234"        add  "a:47+85="   -> "132"
     count  "n:b|abcbb=" -> "3"          chat "t:"         -> "the cat sat on the mat"
+  Tasks for merging experiments (task vectors need several skills a base has seen only weakly):
+    rsort "d:3142="  -> "4321"        max  "m:3142="    -> "4"
+    dedupe "u:abacb=" -> "abc"        inc  "i:3149="    -> "4250"
   ``chat`` is free text; some of its training sentences contain the word "darn", the kit's stand-in
   for an unwanted behaviour (toxicity) that ensembling with an anti-expert should steer away from.
 * A character tokenizer that transformers accepts (``PreTrainedTokenizerFast``), so ``generate`` works.
@@ -96,6 +99,27 @@ def _chat(rng, unwanted_rate=0.25):
     return "", " ".join(words)
 
 
+def _rsort(rng):
+    s = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 8)))
+    return s, "".join(sorted(s, reverse=True))
+
+
+def _max(rng):
+    s = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 8)))
+    return s, max(s)
+
+
+def _dedupe(rng):
+    # six letters and up to nine characters: most strings repeat a letter, so order matters
+    s = "".join(rng.choice(LETTERS[:6]) for _ in range(rng.randint(3, 9)))
+    return s, "".join(dict.fromkeys(s))
+
+
+def _inc(rng):
+    s = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 8)))
+    return s, "".join(str((int(c) + 1) % 10) for c in s)
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -111,6 +135,11 @@ TASKS = {
     "add": Task("add", "a", _add, "add two numbers below 100"),
     "count": Task("count", "n", _count, "count how often a letter occurs in a string"),
     "chat": Task("chat", "t", _chat, "free text; some sentences contain the unwanted word 'darn'"),
+    # added for the merging lab; new prefixes, so the tasks above keep their data and token ids
+    "rsort": Task("rsort", "d", _rsort, "sort a string of digits in descending order"),
+    "max": Task("max", "m", _max, "the largest digit of a string of digits"),
+    "dedupe": Task("dedupe", "u", _dedupe, "keep the first occurrence of each letter, in order"),
+    "inc": Task("inc", "i", _inc, "add 1 to every digit, 9 wraps to 0"),
 }
 
 

@@ -15,7 +15,10 @@ The zoo is designed around the labs:
   ensembling   digits/mlp-s0..s4 (seeds), digits/ckpt-* (checkpoints of one run), digits/cnn-s0,
                lm/chat-clean + lm/chat-darn (expert and anti-expert for steering lm/base)
   merging      lm/base with fine-tunes lm/ft-add and lm/ft-sort (task vectors), lm/base-twin
-               (same recipe, independent initialisation), digits/soup-base + digits/soup-ft0..7
+               (same recipe, independent initialisation), digits/soup-base + digits/soup-ft0..7;
+               lm/merge-base (and -tiny, -tiny-s1) pre-trained on every task at a low rate, with gentle
+               single-task fine-tunes lm/merge-ft-TASK (lm/merge-tiny-ft-TASK, and far ones
+               lm/merge-tiny-far-TASK) for task addition, negation, TIES and DARE on six tasks
   distillation lm/teacher (larger) and lm/student (smaller, trained on the same data without a teacher)
   MoE          lm/base is the dense model to upcycle
   refinement   refine/masked (bidirectional Mask-Predict refiner), refine/reviser and refine/critic
@@ -101,6 +104,37 @@ _lm("lm/teacher", "Llama 'small' (0.5M params, 6x the student) trained on copy, 
 _lm("lm/student", "Llama 'tiny' (85k params) trained on the teacher's data without a teacher (baseline)",
     size="tiny", init_seed=0, tasks=LM_EVAL_TASKS, n_train=50000, steps=1500, lr=3e-3, batch_size=128,
     data_seed=6)
+
+# Merging on language models (issue 13): a base pre-trained on a broad mixture that has seen every task
+# at a low rate (weak but non-zero skills), then short low-learning-rate fine-tunes that refine one
+# latent skill each and stay close to the base, as task arithmetic and TIES assume.
+LM_MERGE_TASKS = ["add", "sort", "rsort", "max", "dedupe", "inc"]
+LM_MERGE_CONTROLS = ["copy", "rev", "count"]
+# Rates per task, so that each skill ends weak but non-zero: at 6% each, a first 'tiny' run learned sort,
+# rsort, max and inc almost perfectly (0.97-1.0) and add hardly at all (0.07), so the easy tasks get less.
+LM_MERGE_WEAK = {"add": 0.2, "dedupe": 0.025, "sort": 0.015, "rsort": 0.01, "max": 0.005, "inc": 0.005}
+LM_MERGE_MIXTURE = {"copy": 0.185, "rev": 0.185, "count": 0.185, "chat": 0.185, **LM_MERGE_WEAK}
+for _name, _size, _init, _steps, _what in (
+        ("lm/merge-base", "small", 0, 800, "Llama 'small' (0.5M params)"),
+        ("lm/merge-base-tiny", "tiny", 0, 1500, "Llama 'tiny' (85k params)"),
+        ("lm/merge-base-tiny-s1", "tiny", 1, 1500, "lm/merge-base-tiny with init seed 1 and other data (seed check):"
+         " Llama 'tiny'")):
+    _lm(_name, f"{_what} pre-trained on copy, rev, count, chat (18.5% each) and "
+        + ", ".join(f"{t} ({100 * r:g}%)" for t, r in LM_MERGE_WEAK.items())
+        + ": weak skills for fine-tunes to refine", builder="lm-mixture", size=_size, init_seed=_init,
+        mixture=LM_MERGE_MIXTURE, n_train=40000, steps=_steps, lr=3e-3, batch_size=128, data_seed=10 + _init,
+        store_dtype="bfloat16")
+for _i, _task in enumerate(LM_MERGE_TASKS):
+    _lm(f"lm/merge-ft-{_task}", f"lm/merge-base gently fine-tuned on {_task} only (lr 2e-4, 100 steps)",
+        builder="lm-mixture", parent="lm/merge-base", mixture={_task: 1.0}, n_train=5000, steps=100, lr=2e-4,
+        batch_size=128, data_seed=20 + _i, store_dtype="bfloat16")
+    _lm(f"lm/merge-tiny-ft-{_task}", f"lm/merge-base-tiny gently fine-tuned on {_task} only (lr 2e-4, 100 steps)",
+        builder="lm-mixture", parent="lm/merge-base-tiny", mixture={_task: 1.0}, n_train=5000, steps=100,
+        lr=2e-4, batch_size=128, data_seed=20 + _i, store_dtype="bfloat16")
+    _lm(f"lm/merge-tiny-far-{_task}", f"lm/merge-base-tiny fine-tuned on {_task} only with a 10x larger lr "
+        "(2e-3, 100 steps): large task vectors", builder="lm-mixture", parent="lm/merge-base-tiny",
+        mixture={_task: 1.0}, n_train=5000, steps=100, lr=2e-3, batch_size=128, data_seed=20 + _i,
+        store_dtype="bfloat16")
 
 for _s in range(5):
     _digits(f"digits/mlp-s{_s}", f"MLP 64-128-128-10 with dropout 0.2, trained from scratch, seed {_s}",
@@ -361,6 +395,57 @@ def _build_lm(name, recipe, device):
     return model, _lm_metrics(model), lambda d: (model.save_pretrained(d), get_tokenizer().save_pretrained(d))
 
 
+def _mixture_data(mixture: dict, n: int, seed: int) -> dict:
+    """Prompt/answer columns with ``round(fraction * n)`` examples of each task of ``mixture``."""
+    from .data import make_examples
+
+    rows = []
+    for task, fraction in mixture.items():
+        rows += make_examples(task, round(fraction * n), seed=seed)
+    return {"prompt": [r["prompt"] for r in rows], "answer": [r["answer"] for r in rows]}
+
+
+def _build_lm_mixture(name, recipe, device):
+    """An LM trained on a weighted task mixture; metrics: greedy exact match on every merging task and
+    control, for fine-tunes the relative size of the task vector ||tau|| / ||theta_parent||. With
+    ``store_dtype`` the weights are rounded to it before the metrics (they describe the shipped file);
+    ``fp32_exact_match/TASK`` records the trained tasks' score before rounding."""
+    from .data import get_tokenizer, make_task_dataset
+    from .evaluate import exact_match
+    from .models import make_llama
+    from .train import train_lm
+
+    if "parent" in recipe:
+        model = load(recipe["parent"], device=device)
+        parent = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    else:
+        model = make_llama(recipe["size"], seed=recipe["init_seed"])
+        parent = None
+    train_data = _mixture_data(recipe["mixture"], recipe["n_train"], recipe["data_seed"])
+    train_lm(model, train_data, steps=recipe["steps"], batch_size=recipe["batch_size"], lr=recipe["lr"],
+             device=device, seed=recipe["data_seed"], progress=True)
+    metrics = {}
+    store_dtype = getattr(torch, recipe.get("store_dtype", "float32"))
+    if store_dtype != torch.float32:
+        for task in recipe["mixture"]:
+            if task != "chat":
+                metrics[f"fp32_exact_match/{task}"] = round(exact_match(
+                    model, make_task_dataset(task, 200, seed=99, split="test")), 4)
+        model.to(store_dtype).to(torch.float32)
+    for task in dict.fromkeys([*LM_MERGE_TASKS, *LM_MERGE_CONTROLS]):
+        metrics[f"exact_match/{task}"] = round(exact_match(model, make_task_dataset(task, 200, seed=99,
+                                                                                    split="test")), 4)
+    if parent is not None:
+        tau = sum(float((v.float() - parent[k].float()).pow(2).sum()) for k, v in model.state_dict().items())
+        theta = sum(float(v.float().pow(2).sum()) for v in parent.values())
+        metrics["tau_relative_norm"] = round((tau / theta) ** 0.5, 5)
+
+    def save(directory):
+        model.to(store_dtype).save_pretrained(directory)
+        get_tokenizer().save_pretrained(directory)
+    return model, metrics, save
+
+
 def _noise_augment(std):
     def augment(xb, gen):
         noise = torch.randn(xb.shape, generator=gen).to(xb.device)
@@ -494,6 +579,7 @@ def build(name: str, device=None, force: bool = False) -> dict:
     print(f"zoo: building {name} on {device_name(device)} ...", flush=True)
     builder = {"lm": _build_lm, "digits": _build_digits, "masked_lm": _build_masked_lm, "reviser": _build_reviser,
                "critic": _build_critic}[recipe["kind"]]
+    builder = _build_lm_mixture if recipe.get("builder") == "lm-mixture" else builder
     model, metrics, save = builder(name, recipe, device)
     target = path(name)
     target.parent.mkdir(parents=True, exist_ok=True)

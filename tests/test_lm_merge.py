@@ -1,0 +1,167 @@
+"""The merging tasks (rsort, max, dedupe, inc), the lm/merge-* zoo entries and labkit.merge.sweep."""
+import hashlib
+import json
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from labkit import data, merge, zoo
+from labkit.merge import sweep as merge_sweep
+from labkit.evaluate import exact_match
+
+NEW_TASKS = ["rsort", "max", "dedupe", "inc"]
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+@pytest.mark.parametrize("task", NEW_TASKS)
+def test_new_task_answers_are_correct(task):
+    for ex in data.make_examples(task, 300, seed=3):
+        prefix, inp = ex["prompt"][:2], ex["prompt"][2:-1]
+        ans = ex["answer"]
+        assert ex["prompt"].endswith("=") and ex["text"] == ex["prompt"] + ans
+        assert prefix == data.TASKS[task].prefix + ":"
+        if task == "rsort":
+            # a descending order by counting digits, not by sorting
+            counts = Counter(inp)
+            assert ans == "".join(d * counts[d] for d in "9876543210")
+        elif task == "max":
+            assert len(ans) == 1 and ans in inp and all(int(c) <= int(ans) for c in inp)
+        elif task == "dedupe":
+            assert len(set(ans)) == len(ans) and set(ans) == set(inp)
+            assert [inp.index(c) for c in ans] == sorted(inp.index(c) for c in set(inp))
+        elif task == "inc":
+            assert len(ans) == len(inp) and all((int(a) - int(i)) % 10 == 1 for a, i in zip(ans, inp))
+
+
+class _ScriptedRng:
+    """Stands in for random.Random: a fixed length, then the given characters one by one."""
+
+    def __init__(self, chars):
+        self.chars = iter(chars)
+        self.length = len(chars)
+
+    def randint(self, lo, hi):
+        assert lo <= self.length <= hi
+        return self.length
+
+    def choice(self, alphabet):
+        c = next(self.chars)
+        assert c in alphabet
+        return c
+
+
+def test_new_tasks_by_hand():
+    cases = {"rsort": ("3142", "4321"), "max": ("3142", "4"), "dedupe": ("abacb", "abc"),
+             "inc": ("3149", "4250"), }
+    for task, (inp, ans) in cases.items():
+        assert data.TASKS[task].make(_ScriptedRng(inp)) == (inp, ans), task
+
+
+@pytest.mark.parametrize("task", NEW_TASKS)
+def test_new_tasks_split_and_vocabulary(task):
+    train = {r["prompt"] for r in data.make_examples(task, 3000, seed=0)}
+    test = {r["prompt"] for r in data.make_examples(task, 300, seed=0, split="test")}
+    assert not train & test and len(test) > 200
+    tok = data.get_tokenizer()
+    for r in data.make_examples(task, 50, seed=1):
+        assert data.UNK_ID not in tok(r["text"])["input_ids"]
+
+
+def test_prefixes_are_unique():
+    prefixes = [t.prefix for t in data.TASKS.values()]
+    assert len(prefixes) == len(set(prefixes))
+
+
+def test_existing_tasks_keep_their_data_and_token_ids():
+    # digest computed from the code before the merging tasks were added (main at b8970b8): the shipped
+    # checkpoints were trained and evaluated on exactly these examples and ids
+    rows = [data.make_examples(["copy", "rev", "sort", "add", "count", "chat"], 600, seed=s, split=sp)
+            for s in (0, 7) for sp in ("train", "test")]
+    blob = json.dumps([rows, data.VOCAB, data.get_tokenizer()("a:47+85=132")["input_ids"]]).encode()
+    assert hashlib.sha256(blob).hexdigest() == "cffa976e8dd614feeceaca68277a0a202ebd6aa01bbeb3a3862330316c51436a"
+
+
+# ----------------------------------------------------------------------------- zoo entries
+
+
+def _built(prefix):
+    return [n for n in zoo.names(prefix) if n in zoo.read_manifest()["entries"]]
+
+
+def test_merge_entries_are_built_verify_and_recipes_match():
+    built = _built("lm/merge")
+    assert set(built) == set(zoo.names("lm/merge")), "every lm/merge-* recipe is built"
+    for name in built:
+        zoo.verify(name)
+        entry = zoo.info(name)
+        assert entry["recipe"] == {k: v for k, v in zoo.RECIPES[name].items() if k not in ("description", "kind")}
+        if "parent" in entry["recipe"]:
+            assert 0 < entry["metrics"]["tau_relative_norm"] < 1, name
+
+
+def test_merge_base_has_weak_skills_and_finetunes_refine_them():
+    for base in ("lm/merge-base", "lm/merge-base-tiny"):
+        m = zoo.info(base)["metrics"]
+        # the controls are learned (lm/merge-base: count 0.875), the merging tasks are weak
+        assert min(m[f"exact_match/{t}"] for t in zoo.LM_MERGE_CONTROLS) >= 0.85, base
+        assert all(m[f"exact_match/{t}"] < 0.9 for t in zoo.LM_MERGE_TASKS), base
+    for name in _built("lm/merge-ft-") + _built("lm/merge-tiny-ft-"):
+        (task,) = zoo.RECIPES[name]["mixture"]
+        parent = zoo.info(zoo.RECIPES[name]["parent"])["metrics"]
+        assert zoo.info(name)["metrics"][f"exact_match/{task}"] >= parent[f"exact_match/{task}"], name
+
+
+def test_merge_entry_loads_and_its_metric_reproduces():
+    name = "lm/merge-tiny-ft-inc"
+    model = zoo.load(name, device="cpu")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    test_set = data.make_task_dataset("inc", 200, seed=99, split="test")
+    assert exact_match(model, test_set) == pytest.approx(zoo.info(name)["metrics"]["exact_match/inc"], abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- merge_sweep tooling
+
+
+def test_teacher_forced_exact_match_equals_greedy_exact_match():
+    model = zoo.load("lm/merge-base-tiny", device="cpu")
+    rows = data.make_task_dataset(["add", "rsort", "dedupe", "copy"], 120, seed=4, split="test")
+    tf = merge_sweep.teacher_forced_exact_match(model, rows)
+    assert tf == pytest.approx(exact_match(model, rows), abs=1e-9)
+    assert 0 < tf < 1  # mixed skills: the comparison is not trivially 0 == 0 or 1 == 1
+    with pytest.raises(ValueError, match="at least one"):
+        merge_sweep.teacher_forced_exact_match(model, {"prompt": [], "answer": []})
+
+
+def test_val_test_split_is_disjoint_held_out_and_deterministic():
+    s = merge_sweep.val_test_split("max", 100)
+    assert len(s["val"]["prompt"]) == len(s["test"]["prompt"]) == 100
+    assert not set(s["val"]["prompt"]) & set(s["test"]["prompt"])
+    assert len(set(s["val"]["prompt"])) == 100
+    train = {r["prompt"] for r in data.make_examples("max", 5000, seed=0)}
+    assert not train & (set(s["val"]["prompt"]) | set(s["test"]["prompt"]))
+    assert s == merge_sweep.val_test_split("max", 100)
+    with pytest.raises(ValueError, match="n must be positive"):
+        merge_sweep.val_test_split("max", 0)
+
+
+def test_random_direction_matches_norm_per_tensor_and_is_nearly_orthogonal():
+    g = torch.Generator().manual_seed(0)
+    tv = merge.TaskVector({"a": torch.randn(200, 50, generator=g), "b": 3 * torch.randn(400, generator=g)})
+    r = merge_sweep.random_direction_like(tv, seed=1)
+    for k in tv.deltas:
+        assert r.deltas[k].norm().item() == pytest.approx(tv.deltas[k].norm().item(), rel=1e-5)
+    assert r.norm() == pytest.approx(tv.norm(), rel=1e-5)
+    assert abs(r.cosine(tv)) < 0.05  # 10,400 dimensions: a random cosine has std ~0.01
+    assert merge_sweep.random_direction_like(tv, seed=1).deltas["a"].equal(r.deltas["a"])
+
+
+def test_normalized_accuracy_and_pick_on_validation():
+    assert merge_sweep.normalized_accuracy(0.5, 0.8) == 0.625
+    assert math.isnan(merge_sweep.normalized_accuracy(0.3, 0.0))
+    assert merge_sweep.pick_on_validation({0.5: 0.2, 1.0: 0.7, 2.0: 0.7}) == 1.0
+    with pytest.raises(ValueError, match="at least one candidate"):
+        merge_sweep.pick_on_validation({})
