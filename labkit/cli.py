@@ -177,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="print versions, device and mode; warn about untested versions")
     d.set_defaults(func=_doctor)
 
-    b = sub.add_parser("bench", help="run a benchmark: ensemble, merge, moe, distill or all")
-    b.add_argument("name", choices=["ensemble", "merge", "moe", "distill", "all"])
+    b = sub.add_parser("bench", help="run a benchmark: ensemble, merge, moe, distill, refine or all")
+    b.add_argument("name", choices=["ensemble", "merge", "moe", "distill", "refine", "all"])
     b.add_argument("--smoke", action="store_true", help="tiny sizes, to check that it runs")
     b.add_argument("--out", default="bench/results", help="folder for the JSON results")
     b.set_defaults(func=_bench)

@@ -18,6 +18,8 @@ The zoo is designed around the labs:
                (same recipe, independent initialisation), digits/soup-base + digits/soup-ft0..7
   distillation lm/teacher (larger) and lm/student (smaller, trained on the same data without a teacher)
   MoE          lm/base is the dense model to upcycle
+  refinement   refine/masked (bidirectional Mask-Predict refiner), refine/reviser and refine/critic
+               (revise and judge lm/student's drafts)
 """
 from __future__ import annotations
 
@@ -125,6 +127,27 @@ for _i, _kind in enumerate(("rotate", "thicken", "noise")):
     _digits(f"digits/task-{_kind}", f"digits/soup-base fine-tuned on {_kind}d training digits only (a 'task'), "
             f"seed {40 + _i}", arch=_MLP, parent="digits/soup-base", seed=40 + _i, steps=400, lr=1e-3,
             weight_decay=1e-4, batch_size=64, train_shift=_kind)
+
+# refinement lab: a bidirectional masked refiner, and a reviser and a critic for lm/student's drafts.
+# 'perm' (any rearrangement of the letters, labkit.refine.training.permutation_examples) has many right
+# answers, which is where filling every position at once fails and refinement steps matter.
+REFINE_TASKS = ["sort", "add", "perm"]
+RECIPES["refine/masked"] = {
+    "kind": "masked_lm", "description": "BERT-style bidirectional masked LM 'small' (0.43M params) that fills "
+    "sort, add and perm (any rearrangement) answers from all-[MASK] (Mask-Predict / masked diffusion); trained "
+    "by masking answers at random rates; stored in bf16", "size": "small", "init_seed": 0, "tasks": REFINE_TASKS,
+    "n_train": 60000,
+    "steps": 1500, "lr": 2e-3, "batch_size": 128, "data_seed": 50}
+RECIPES["refine/reviser"] = {
+    "kind": "reviser", "description": "lm/student fine-tuned to revise (input, draft, verdict) into the right "
+    "answer on add; drafts are lm/student's samples and corrupted references; stored in bf16",
+    "parent": "lm/student", "generator": "lm/student", "tasks": ["add"], "n_train": 12000, "steps": 800,
+    "lr": 2e-3, "batch_size": 128, "data_seed": 51}
+RECIPES["refine/critic"] = {
+    "kind": "critic", "description": "lm/teacher fine-tuned to judge lm/student's (input, draft) as right 'y' or "
+    "wrong 'n' on add (the learned feedback source; judging a sum needs a model that can add); stored in bf16",
+    "parent": "lm/teacher", "generator": "lm/student",
+    "tasks": ["add"], "n_train": 12000, "steps": 600, "lr": 2e-3, "batch_size": 128, "data_seed": 52}
 
 
 def names(prefix: str = "") -> list[str]:
@@ -271,15 +294,16 @@ def load(name: str, device=None, verify_hash: bool = True):
     else:
         check_files(name)  # cheap, and what is loaded must still be what the manifest lists
     device = torch.device(device) if device is not None else get_device()
-    if recipe["kind"] == "lm":
-        from transformers import AutoModelForCausalLM
+    if recipe["kind"] in ("lm", "reviser", "critic", "masked_lm"):
+        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
         from transformers.utils import logging as hf_logging
 
         # a progress bar per load would clutter every notebook that loads a few models
         bar_was_enabled = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
-            model = AutoModelForCausalLM.from_pretrained(path(name), dtype=torch.float32)
+            auto = AutoModelForMaskedLM if recipe["kind"] == "masked_lm" else AutoModelForCausalLM
+            model = auto.from_pretrained(path(name), dtype=torch.float32)
         finally:
             if bar_was_enabled:
                 hf_logging.enable_progress_bar()
@@ -382,6 +406,69 @@ def _build_digits(name, recipe, device):
     return model, metrics, lambda dirname: save_classifier(model, dirname)
 
 
+def _bf16_round_trip(model):
+    """Round the weights to bf16 (how the entry is stored) and back, so metrics are those of the stored model."""
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16).to(torch.float32)
+    return lambda d: (model.to(torch.bfloat16).save_pretrained(d), model.to(torch.float32))
+
+
+def _build_masked_lm(name, recipe, device):
+    from .data import get_tokenizer
+    from .refine.masked import make_masked_lm
+    from .refine.training import masked_accuracy, task_examples, train_masked_lm
+
+    model = make_masked_lm(recipe["size"], seed=recipe["init_seed"])
+    rows = task_examples(recipe["tasks"], recipe["n_train"], seed=recipe["data_seed"])
+    train_masked_lm(model, [r["prompt"] for r in rows], [r["answer"] for r in rows], steps=recipe["steps"],
+                    batch_size=recipe["batch_size"], lr=recipe["lr"], seed=recipe["data_seed"], device=device,
+                    progress=True)
+    save = _bf16_round_trip(model)
+    metrics = {}
+    for task in recipe["tasks"]:
+        prompts = [r["prompt"] for r in task_examples(task, 200, seed=99, split="test")]
+        for method in ("mask_predict", "diffusion"):
+            for steps in (1, 2, 4, 8):
+                metrics[f"{method}/{task}/steps{steps}"] = round(masked_accuracy(model, prompts, steps, method), 4)
+    return model, metrics, lambda d: (save(d), get_tokenizer().save_pretrained(d))
+
+
+def _refine_drafts(recipe, device, n):
+    from .refine.training import draft_examples
+
+    return draft_examples(load(recipe["generator"], device=device), recipe["tasks"], n, seed=recipe["data_seed"])
+
+
+def _build_reviser(name, recipe, device):
+    from .data import get_tokenizer
+    from .refine.training import reviser_data
+    from .train import train_lm
+
+    model = load(recipe["parent"], device=device)
+    train_lm(model, reviser_data(_refine_drafts(recipe, device, recipe["n_train"])), steps=recipe["steps"],
+             batch_size=recipe["batch_size"], lr=recipe["lr"], device=device, seed=recipe["data_seed"],
+             progress=True)
+    save = _bf16_round_trip(model)
+    from .refine.training import reviser_metrics
+
+    metrics = reviser_metrics(model, load(recipe["generator"], device=device), recipe["tasks"])
+    return model, metrics, lambda d: (save(d), get_tokenizer().save_pretrained(d))
+
+
+def _build_critic(name, recipe, device):
+    from .data import get_tokenizer
+    from .refine.training import critic_data, critic_metrics
+    from .train import train_lm
+
+    model = load(recipe["parent"], device=device)
+    train_lm(model, critic_data(_refine_drafts(recipe, device, recipe["n_train"])), steps=recipe["steps"],
+             batch_size=recipe["batch_size"], lr=recipe["lr"], device=device, seed=recipe["data_seed"],
+             progress=True)
+    save = _bf16_round_trip(model)
+    metrics = critic_metrics(model, load(recipe["generator"], device=device), recipe["tasks"])
+    return model, metrics, lambda d: (save(d), get_tokenizer().save_pretrained(d))
+
+
 def build(name: str, device=None, force: bool = False) -> dict:
     """Run ``name``'s recipe and write its files and manifest line; return the manifest entry.
 
@@ -404,7 +491,8 @@ def build(name: str, device=None, force: bool = False) -> dict:
     seed_everything(recipe.get("init_seed", recipe.get("seed", 0)))
     start = time.time()
     print(f"zoo: building {name} on {device_name(device)} ...", flush=True)
-    builder = _build_lm if recipe["kind"] == "lm" else _build_digits
+    builder = {"lm": _build_lm, "digits": _build_digits, "masked_lm": _build_masked_lm, "reviser": _build_reviser,
+               "critic": _build_critic}[recipe["kind"]]
     model, metrics, save = builder(name, recipe, device)
     target = path(name)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import torch
 
 from ..device import device_name, get_device, synchronize
 
-BENCHMARKS = ("ensemble", "merge", "moe", "distill")
+BENCHMARKS = ("ensemble", "merge", "moe", "distill", "refine")
 RESULTS_DIR = Path("bench/results")
 
 
