@@ -222,7 +222,10 @@ def info(name: str) -> dict:
 # The files each kind of recipe writes that a model cannot load without (``build`` lists whatever
 # the save wrote; these must be among them).
 RECIPE_FILES = {"lm": ("config.json", "model.safetensors", "tokenizer.json"),
-                "digits": ("classifier.json", "model.safetensors")}
+                "digits": ("classifier.json", "model.safetensors"),
+                "masked_lm": ("config.json", "model.safetensors", "tokenizer.json"),
+                "reviser": ("config.json", "model.safetensors", "tokenizer.json"),
+                "critic": ("config.json", "model.safetensors", "tokenizer.json")}
 
 
 def check_files(name: str) -> None:
