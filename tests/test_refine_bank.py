@@ -2,7 +2,7 @@
 import torch
 
 from labkit.grading import run_question
-from labkit.refine import lowest_confidence, remask_count, should_stop, stacking_inputs
+from labkit.refine import Feedback, lowest_confidence, remask_count, should_stop, stacking_inputs
 
 
 def _remask(confidence, t, iterations):
@@ -12,7 +12,7 @@ def _remask(confidence, t, iterations):
 REFERENCE = {
     "refine.stacking_inputs": stacking_inputs,
     "refine.remask_positions": _remask,
-    "refine.should_stop": should_stop,
+    "refine.should_stop": lambda accepted, r, max_rounds: should_stop(Feedback(accepted), r, max_rounds),
 }
 
 
@@ -50,14 +50,14 @@ def test_plausible_mistakes_fail():
     def later_ties(conf, t, T):  # ties go to the later position
         return lowest_confidence(conf.flip(1), remask_count(t, T, conf.shape[1])).flip(1)
 
-    def off_by_one(feedback, r, max_rounds):
-        return feedback.accept or r > max_rounds
+    def off_by_one(accepted, r, max_rounds):
+        return accepted or r > max_rounds
 
-    def ignores_feedback(feedback, r, max_rounds):
+    def ignores_feedback(accepted, r, max_rounds):
         return r >= max_rounds
 
-    def never_stops_on_budget(feedback, r, max_rounds):
-        return bool(feedback.accept)
+    def never_stops_on_budget(accepted, r, max_rounds):
+        return bool(accepted)
 
     mistakes = [("refine.stacking_inputs", class_major), ("refine.stacking_inputs", averaged),
                 ("refine.stacking_inputs", no_shape_check),

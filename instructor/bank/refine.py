@@ -101,20 +101,16 @@ add_hidden("refine.remask_positions", [
 # ---- stopping rule -------------------------------------------------------------------------------
 
 def _stop_grid(f):
-    from labkit.refine import Feedback
-
     for r in range(5):
         for accept in (True, False):
             want = accept or r >= 4
-            expect_true(bool(f(Feedback(accept, "msg"), r, 4)) == want,
+            expect_true(bool(f(accept, r, 4)) == want,
                         f"accept={accept}, round {r} of max_rounds=4: should_stop must be {want}")
 
 
 def _stop_zero(f):
-    from labkit.refine import Feedback
-
-    expect_true(bool(f(Feedback(False), 0, 0)), "max_rounds=0: stop after judging the first draft")
-    expect_true(isinstance(f(Feedback(False), 1, 3), bool), "return a bool")
+    expect_true(bool(f(False, 0, 0)), "max_rounds=0: stop after judging the first draft")
+    expect_true(isinstance(f(False, 1, 3), bool), "return a bool")
 
 
 add_hidden("refine.should_stop", [("every round and verdict", _stop_grid), ("max_rounds = 0, a bool", _stop_zero, "edges")])

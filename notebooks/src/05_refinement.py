@@ -44,7 +44,7 @@ from labkit.course.report import claim, record
 from labkit.data import load_digits, make_examples
 from labkit.device import by_mode, device_name, get_device, run_mode, seed_everything
 from labkit.grading import check
-from labkit.refine import (Feedback, accuracy_by_round, adaptive_mask_predict, check_answer, count_pipeline,
+from labkit.refine import (accuracy_by_round, adaptive_mask_predict, check_answer, count_pipeline,
                            count_task_tensors, critic_feedback, decode_answers, digit_member, encode_prompts,
                            exact_verifier, fill, left_to_right, lm_generator, lm_reviser, mask_predict,
                            noisy_verifier, pipeline_accuracy, self_feedback, self_refine, stack_classifiers,
@@ -417,17 +417,17 @@ print("at 1-2 passes the masked refiner beats left-to-right on sort:",
 #
 # ### Exercise: the stopping rule
 #
-# Write `should_stop(feedback, round_index, max_rounds)`: return `True` when the feedback accepts
-# (`feedback.accept`) **or** when `round_index >= max_rounds` (round 0 judges the first draft, so
-# `max_rounds` revisions are allowed; `max_rounds = 0` stops at once), else `False`. Requirements the
+# Write `should_stop(accepted, round_index, max_rounds)`, where `accepted` is the feedback's verdict
+# (`Feedback.accept`, a bool): return `True` when the feedback accepts **or** when
+# `round_index >= max_rounds` (round 0 judges the first draft, so `max_rounds` revisions are allowed; `max_rounds = 0` stops at once), else `False`. Requirements the
 # tests check: both conditions, the boundary `round_index == max_rounds`, a `bool` result. It must not read
 # labels (it gets none).
 
 # %% tags=["solution"]
-def should_stop(feedback, round_index, max_rounds):
+def should_stop(accepted, round_index, max_rounds):
     """True when the feedback accepts or the revision budget is spent."""
     ### BEGIN SOLUTION
-    return bool(feedback.accept) or round_index >= max_rounds
+    return bool(accepted) or round_index >= max_rounds
     ### END SOLUTION
 
 

@@ -77,22 +77,19 @@ register(Question(
 # ---- the self-refine loop's stopping rule ---------------------------------------------------------
 
 def _stop_accept(f):
-    from labkit.refine import Feedback
-
-    expect_true(bool(f(Feedback(True), 0, 3)), "accepted in round 0 of 3: stop")
-    expect_true(not f(Feedback(False), 0, 3), "rejected in round 0 of 3: revise again (do not stop)")
+    expect_true(bool(f(True, 0, 3)), "accepted in round 0 of 3: stop")
+    expect_true(not f(False, 0, 3), "rejected in round 0 of 3: revise again (do not stop)")
 
 
 def _stop_budget(f):
-    from labkit.refine import Feedback
-
-    expect_true(not f(Feedback(False), 2, 3), "rejected in round 2 of max_rounds=3: one more revision")
-    expect_true(bool(f(Feedback(False), 3, 3)), "rejected in round 3 of max_rounds=3: the budget is spent, stop")
+    expect_true(not f(False, 2, 3), "rejected in round 2 of max_rounds=3: one more revision")
+    expect_true(bool(f(False, 3, 3)), "rejected in round 3 of max_rounds=3: the budget is spent, stop")
 
 
 register(Question(
     id="refine.should_stop", notebook=NB, function="should_stop", points=1,
-    description="a bool: True when the feedback accepts (feedback.accept), or when round_index >= max_rounds "
+    description="should_stop(accepted, round_index, max_rounds) with accepted the feedback's verdict (a bool): "
+                "True when accepted, or when round_index >= max_rounds "
                 "(round 0 judges the first draft, so max_rounds revisions are allowed); never reads labels; "
                 "max_rounds = 0 stops at once",
     groups={"core": 2, "edges": 1},
