@@ -419,9 +419,9 @@ print("at 1-2 passes the masked refiner beats left-to-right on sort:",
 #
 # Write `should_stop(accepted, round_index, max_rounds)`, where `accepted` is the feedback's verdict
 # (`Feedback.accept`, a bool): return `True` when the feedback accepts **or** when
-# `round_index >= max_rounds` (round 0 judges the first draft, so `max_rounds` revisions are allowed; `max_rounds = 0` stops at once), else `False`. Requirements the
-# tests check: both conditions, the boundary `round_index == max_rounds`, a `bool` result. It must not read
-# labels (it gets none).
+# `round_index >= max_rounds` (round 0 judges the first draft, so `max_rounds` revisions are allowed;
+# `max_rounds = 0` stops at once), else `False`. Requirements the tests check: both conditions, the
+# boundary `round_index == max_rounds`, a `bool` result. It must not read labels (it gets none).
 
 # %% tags=["solution"]
 def should_stop(accepted, round_index, max_rounds):
