@@ -137,7 +137,7 @@ RECIPES["refine/masked"] = {
     "sort, add and perm (any rearrangement) answers from all-[MASK] (Mask-Predict / masked diffusion); trained "
     "by masking answers at random rates; stored in bf16", "size": "small", "init_seed": 0, "tasks": REFINE_TASKS,
     "n_train": 60000,
-    "steps": 1500, "lr": 2e-3, "batch_size": 128, "data_seed": 50}
+    "steps": 2500, "lr": 2e-3, "batch_size": 128, "data_seed": 50}
 RECIPES["refine/reviser"] = {
     "kind": "reviser", "description": "lm/student fine-tuned to revise (input, draft, verdict) into the right "
     "answer on add; drafts are lm/student's samples and corrupted references; stored in bf16",
