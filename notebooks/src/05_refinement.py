@@ -314,9 +314,9 @@ claim(19, "masked iterative refinement (Mask-Predict) improves with the number o
              f"{[round(a, 3) for a in steps_acc['add']]}; sort: {[round(a, 3) for a in steps_acc['sort']]}")
 
 # %% [markdown]
-# Sort is solved in one pass (one right answer, easy to predict position by position); perm, with many
-# right answers, gains the most from iterating. The absolute level on perm is low: this tiny refiner
-# (0.43M parameters, 1500 training steps) has not learnt the task well, and the anchor in the paper
+# Sort and add are (nearly) solved in one pass: one right answer, predictable position by position.
+# Perm, with many right answers, is where iterating pays. The absolute level on perm is low: this tiny refiner
+# (0.43M parameters, a few thousand training steps) has not learnt the task well, and the anchor in the paper
 # (Mask-Predict on WMT14 EN-DE, 18.05 -> 25.94 -> 27.03 BLEU at 1 / 4 / 10 iterations) is a far larger
 # model; the *direction*, quality rising with iterations, is what reproduces here.
 #
@@ -399,8 +399,8 @@ print("at 1-2 passes the masked refiner beats left-to-right on sort:",
 # %% [markdown]
 # With fewer passes than the answer has characters, left-to-right decoding simply has not finished; the
 # masked refiner always holds a complete answer ("anytime" decoding). With enough passes the causal model
-# catches up, and on add (where a carry must flow from the right end) it can be ahead: parallel refinement
-# is not free quality, it is a different trade of passes for accuracy.
+# catches up. Parallel refinement is not free quality: it is a different trade of passes for accuracy,
+# and it pays when answers are short relative to the number of passes you can afford.
 #
 # ## 3. Self-refine: generate, get feedback, revise
 #
@@ -573,14 +573,12 @@ claim(20, "stopping refinement per example when confident saves most (>50%) of t
              f"{adaptive['early exit']['accuracy']:.3f}; mean steps: {steps_by_task}")
 
 # %% [markdown]
-# What the numbers say: sort answers become confident after one iteration and leave the batch, but at
-# $\tau = 0.9$ almost no add or perm answer ever gets *every* position above 0.9, so two thirds of the
-# batch run the full budget and confidence-based stopping saves about a third of the compute, not most of
-# it: claim 20 does not reproduce at the threshold chosen in advance, because this small refiner is
-# rarely sure of its add and perm answers (its confidence is honest: it is often wrong there). Lower
-# thresholds save more and lose quality; stopping when the checker accepts saves the most at no loss,
-# but needs a verifier. The saving always depends on the mix: on a batch of hard examples only,
-# per-example stopping saves little; on easy ones, nearly everything. In the batch, finished rows stop costing
+# What the numbers say: sort and add answers become confident after one iteration and leave the batch;
+# perm answers, which this small refiner is rarely sure of (and often gets wrong), run the whole budget.
+# So the saving is about the share of easy examples in the batch (here two thirds), at no loss of
+# accuracy. Lower thresholds save a little more and start to lose quality; stopping when the checker
+# accepts saves about as much, but needs a verifier. On a batch of hard examples only, per-example
+# stopping saves little; on easy ones, nearly everything. In the batch, finished rows stop costing
 # compute immediately, and the batched run gives exactly the answers of running each example alone
 # (`tests/test_refine_adaptive.py`); `labkit bench refine` measures the throughput.
 #
@@ -592,6 +590,5 @@ claim(20, "stopping refinement per example when confident saves most (>50%) of t
 #   complete answer at any number of passes, unlike left-to-right decoding.
 # * Refinement is as good as its feedback: an exact verifier helps and never breaks a correct answer;
 #   noisy, learned and self feedback help less or not at all (claim 13).
-# * Per-example stopping spends iterations where they are needed; how much it saves depends on how often
-#   the model is confident, and here confidence alone saved about a third, not most (claim 20; a verifier
-#   saves more).
+# * Per-example stopping spends iterations where they are needed: most of the compute saved at the same
+#   quality on a mixed batch (claim 20); how much depends on how many examples are easy.
