@@ -191,7 +191,12 @@ def stacking_inputs(member_probs) -> torch.Tensor:
 
     Row n is [p_1(n) ... p_M(n)]: member 1's C class probabilities, then member 2's, and so on.
     """
-    probs = torch.stack(list(member_probs)) if isinstance(member_probs, (list, tuple)) else member_probs
+    if isinstance(member_probs, (list, tuple)):
+        shapes = [tuple(torch.as_tensor(p).shape) for p in member_probs]
+        if len(set(shapes)) > 1:
+            raise ValueError(f"member_probs: every member must have one shape [N, C], got {shapes}")
+        member_probs = torch.stack([torch.as_tensor(p) for p in member_probs])
+    probs = member_probs
     return stacking_features(probs)
 
 
