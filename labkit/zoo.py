@@ -525,34 +525,30 @@ def _refine_drafts(recipe, device, n):
     return draft_examples(load(recipe["generator"], device=device), recipe["tasks"], n, seed=recipe["data_seed"])
 
 
-def _build_reviser(name, recipe, device):
+def _fine_tune_on_drafts(recipe, device, make_data, score):
+    """The reviser and the critic: the parent LM fine-tuned on the generator's drafts, stored in bf16."""
     from .data import get_tokenizer
-    from .refine.training import reviser_data
     from .train import train_lm
 
     model = load(recipe["parent"], device=device)
-    train_lm(model, reviser_data(_refine_drafts(recipe, device, recipe["n_train"])), steps=recipe["steps"],
+    train_lm(model, make_data(_refine_drafts(recipe, device, recipe["n_train"])), steps=recipe["steps"],
              batch_size=recipe["batch_size"], lr=recipe["lr"], device=device, seed=recipe["data_seed"],
              progress=True)
     save = _bf16_round_trip(model)
-    from .refine.training import reviser_metrics
-
-    metrics = reviser_metrics(model, load(recipe["generator"], device=device), recipe["tasks"])
+    metrics = score(model, load(recipe["generator"], device=device), recipe["tasks"])
     return model, metrics, lambda d: (save(d), get_tokenizer().save_pretrained(d))
+
+
+def _build_reviser(name, recipe, device):
+    from .refine.training import reviser_data, reviser_metrics
+
+    return _fine_tune_on_drafts(recipe, device, reviser_data, reviser_metrics)
 
 
 def _build_critic(name, recipe, device):
-    from .data import get_tokenizer
     from .refine.training import critic_data, critic_metrics
-    from .train import train_lm
 
-    model = load(recipe["parent"], device=device)
-    train_lm(model, critic_data(_refine_drafts(recipe, device, recipe["n_train"])), steps=recipe["steps"],
-             batch_size=recipe["batch_size"], lr=recipe["lr"], device=device, seed=recipe["data_seed"],
-             progress=True)
-    save = _bf16_round_trip(model)
-    metrics = critic_metrics(model, load(recipe["generator"], device=device), recipe["tasks"])
-    return model, metrics, lambda d: (save(d), get_tokenizer().save_pretrained(d))
+    return _fine_tune_on_drafts(recipe, device, critic_data, critic_metrics)
 
 
 def build(name: str, device=None, force: bool = False) -> dict:
