@@ -56,8 +56,8 @@ def _layout(tmp_path, mode, uid=None):
     return cfg, SCRIPT.format(bank=bank, req=job / "req", base=base)
 
 
-def _run(tmp_path, cfg, script, python, user=None):
-    out = subprocess.run([python, "-I", str(LAUNCHER), str(tmp_path / "cfg.json"), "--", "/bin/sh", "-c", script],
+def _run(tmp_path, cfg, script, python, user=None, launcher=LAUNCHER):
+    out = subprocess.run([python, "-I", str(launcher), str(tmp_path / "cfg.json"), "--", "/bin/sh", "-c", script],
                          capture_output=True, text=True, timeout=60, user=user, cwd="/")
     time.sleep(0.5)
     alive = [p for p in os.listdir("/proc") if p.isdigit() and MARKER in _cmdline(p)]
@@ -102,5 +102,10 @@ def test_userns_mode_for_an_unprivileged_instructor(tmp_path):
     if probe is None or probe.returncode != 0:
         pytest.skip("unprivileged user namespaces are not available here (labkit grade warns in that case)")
     cfg, script = _layout(tmp_path, "userns")
-    stdout, alive = _run(tmp_path, cfg, script, python, user=user)
+    launcher = LAUNCHER
+    if user is not None:  # nobody may not enter the checkout (a `mktemp -d` clone is 0700): run a readable copy
+        launcher = tmp_path / "launcher.py"
+        shutil.copy(LAUNCHER, launcher)
+        os.chmod(launcher, 0o644)
+    stdout, alive = _run(tmp_path, cfg, script, python, user=user, launcher=launcher)
     _check(stdout, alive, uid)

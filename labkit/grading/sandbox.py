@@ -150,9 +150,10 @@ def _set_limits(limits: dict) -> None:
 
 
 def _blocking_ancestor(path: str) -> str | None:
-    """The outermost folder above ``path`` that others cannot enter (e.g. /root, mode 0700), if any."""
+    """The outermost folder that others cannot enter (e.g. /root, or a `mktemp -d` checkout, mode 0700) on the
+    way to ``path``, ``path`` itself included, if any."""
     parts = Path(path).parts
-    for i in range(2, len(parts)):
+    for i in range(2, len(parts) + 1):
         folder = os.path.join(*parts[:i])
         try:
             if not os.stat(folder).st_mode & 0o001:
@@ -173,12 +174,19 @@ def _expose(paths: list[str]) -> None:
             if a:
                 by_ancestor.setdefault(a, []).append(p)
     for ancestor, inside in sorted(by_ancestor.items(), key=lambda kv: len(kv[0])):
-        fds = [(p, os.open(p, os.O_RDONLY | os.O_DIRECTORY)) for p in sorted(set(inside))]
+        targets = set()
+        for p in inside:  # a needed folder that is itself closed to others: expose what it holds instead
+            targets |= {os.path.join(p, name) for name in os.listdir(p)} if p == ancestor else {p}
+        fds = [(p, os.path.isdir(p), os.open(p, os.O_PATH)) for p in sorted(targets) if os.path.exists(p)]
         _mount("tmpfs", ancestor, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=0755")
         old = os.umask(0o022)
         try:
-            for p, fd in fds:
-                os.makedirs(p, exist_ok=True)
+            for p, is_dir, fd in fds:
+                if is_dir:
+                    os.makedirs(p, exist_ok=True)
+                else:  # a file is bound onto an empty file of its name
+                    os.makedirs(os.path.dirname(p), exist_ok=True)
+                    open(p, "a").close()
                 _mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC)
                 os.close(fd)
         finally:
