@@ -151,3 +151,19 @@ def test_zoo_reviser_and_critic_with_an_exact_verifier():
     assert acc[2] >= acc[1] >= acc[0]
     verdicts = critic_feedback(zoo.load("refine/critic", device="cpu"))(prompts, gen(prompts))
     assert len(verdicts) == 100 and all(isinstance(v, Feedback) for v in verdicts)
+
+
+def test_check_answer_agrees_with_every_task_of_the_kit():
+    # the reference answers come from labkit.data's own generators, not from the checker
+    from labkit.data import TASKS, make_examples
+    from labkit.refine.self_refine import check_answer
+
+    for task in TASKS:
+        if task == "chat":
+            continue
+        for row in make_examples(task, 20, seed=3, split="test"):
+            assert check_answer(row["prompt"], row["answer"]), (task, row)
+            assert not check_answer(row["prompt"], row["answer"] + "0"), (task, row)
+    # 'max' and the refinement lab's 'perm' share the prefix 'm'; digits vs letters tell them apart
+    assert check_answer("m:3142=", "4") and not check_answer("m:3142=", "4321")
+    assert check_answer("m:dbfa=", "abdf") and not check_answer("m:dbfa=", "abdd")
