@@ -54,6 +54,10 @@ def _grade(args) -> int:
 def _labs(args) -> int:
     from .course.labs import labs_cli
 
+    args.cell_timeout = _positive(args.cell_timeout, "--cell-timeout")
+    args.timeout = _positive(args.timeout, "--timeout")
+    if args.retries < 0:
+        raise ValueError(f"--retries must be 0 or more, got {args.retries}")
     return labs_cli(args)
 
 
@@ -167,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--mode", choices=["smoke", "full"], default=None, help="run mode (default: by device)")
     lb.add_argument("--out", default="reports", help="folder for executed notebooks and the report")
     lb.add_argument("--timeout", type=float, default=1800.0, help="seconds per notebook")
+    lb.add_argument("--cell-timeout", type=float, default=600.0, help="seconds per cell (default 600)")
+    lb.add_argument("--retries", type=int, default=1, help="reruns of a notebook whose cell timed out (default 1)")
     lb.set_defaults(func=_labs)
 
     nb = sub.add_parser("build-notebooks", help="build notebooks/NN_name.ipynb from notebooks/src/NN_name.py")

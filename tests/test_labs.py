@@ -114,3 +114,26 @@ def test_the_old_module_paths_still_import_the_same_objects():
     assert labkit.bench.run_benchmark is labkit.benchmarks.run_benchmark
     assert labkit.grading.kernel.CurrentEnvKernelManager is labkit.course.kernel.CurrentEnvKernelManager
     assert labkit.grading.nbval_plugin.drop_volatile is labkit.course.nbval_plugin.drop_volatile
+
+
+def test_a_hung_cell_is_named_and_the_notebook_rerun_once(tmp_path, capsys):
+    """A cell past --cell-timeout stops the notebook after that cell's limit, not the notebook's budget; the
+    notebook is rerun once in a fresh kernel, and the report says which cell hung and that it was rerun."""
+    nbdir = tmp_path / "notebooks"
+    nbdir.mkdir()
+    hung = _write(nbdir / "03_hung.ipynb", [
+        "from labkit.course.report import record\nrecord('started', 1)",
+        "import time\ntime.sleep(120)",
+        "record('never', 2)",
+    ])
+    out = tmp_path / "reports"
+    rc = labs_cli(SimpleNamespace(notebooks=[str(hung)], mode="smoke", out=str(out), timeout=300,
+                                  cell_timeout=2.0, retries=1))
+    assert rc == 1
+    printed = capsys.readouterr().out
+    assert printed.count("cell 3 ran past its time limit (2 s per cell") == 2, printed  # first run and retry line
+    assert "retry 03_hung" in printed
+    lab = json.loads((out / "report.json").read_text())["labs"][0]
+    assert lab["timed_out_cell"] == 2 and lab["retried_after"].startswith("cell 3 ran past")
+    assert lab["seconds"] < 60, "the cell limit, not the 300 s notebook budget, ended the run"
+    assert "Rerun in a fresh kernel after: cell 3" in (out / "report.md").read_text()
