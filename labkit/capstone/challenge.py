@@ -63,7 +63,7 @@ _PUBLIC_SEED = 1234  # the shift seeds of the public train / val data (the hidde
 
 # SHA-256 of the instructor's hidden split (instructor/capstone/make_hidden.py prints it): the
 # leaderboard refuses a hidden file with any other content (corrupted or tampered)
-HIDDEN_SHA256 = "0" * 64
+HIDDEN_SHA256 = "0ba56e39c2ed8e989a5f7919d877a3949e67a7a35f01ecca0d29e727b5192dcc"
 
 
 def domain_mixture(X: torch.Tensor, y: torch.Tensor, seeds: dict[str, list[int]]):
