@@ -201,3 +201,22 @@ def test_bad_arguments_are_one_line(klass, tmp_path, capsys):
                          ([klass, "--daily-cap", "-1"], "--daily-cap")):
         code, _, err = run([*args, "--out", tmp_path / "o"], capsys)
         assert code == 2 and phrase in err and err.count("\n") == 1
+
+
+def test_reference_submissions_join_the_frontier(klass):
+    stored = challenge.load_hidden(with_metadata=True)[4]["frontier"]
+    board = build([klass / "erin"], references=[klass / "grace" / "router"], latency_repeats=0)
+    assert board.frontier[:len(stored)] == stored
+    added = board.frontier[len(stored):]
+    assert [p["name"] for p in added] == ["router"] and abs(added[0]["relative_flops"] - 103808 / 51712) < 1e-9
+    assert all(e.team != "reference" for e in board.entries)   # references are drawn, never ranked
+    with pytest.raises(ValueError, match="reference submission .*tampered"):
+        build([klass / "erin"], references=[klass / "carol" / "tampered"], latency_repeats=0)
+
+
+def test_pareto_frontier():
+    from labkit.capstone.leaderboard_html import pareto_frontier
+
+    # (2, 0.7) is beaten by (1, 0.8); (4, 0.9) is worth its cost; (4, 0.85) is beaten at equal cost
+    assert pareto_frontier([(2, 0.7), (4, 0.9), (1, 0.8), (4, 0.85)]) == [(1, 0.8), (4, 0.9)]
+    assert pareto_frontier([]) == []
