@@ -349,3 +349,46 @@ def test_hidden_split_stays_with_the_instructor():
     pyproject = (repo / "pyproject.toml").read_text()
     assert 'include = ["labkit*"]' in pyproject
     assert not any(p.suffix == ".safetensors" for p in (repo / "labkit").rglob("*"))
+
+
+def test_make_hidden_rebuilds_the_stored_split():
+    """instructor/capstone/make_hidden.py is deterministic: its tensors are the stored ones."""
+    import importlib.util
+
+    path = challenge.default_hidden_path().parent / "make_hidden.py"
+    spec_ = importlib.util.spec_from_file_location("make_hidden", path)
+    module = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(module)
+    rebuilt = module.hidden_tensors()
+    stored = challenge.load_hidden()
+    for name, tensor in zip(("X", "y", "domain", "public"), stored):
+        assert torch.equal(rebuilt[name], tensor), name
+    # the hidden images are the test split's: clean copies first, then the shifted ones
+    from labkit.data import load_digits
+
+    assert torch.equal(stored[0][stored[2] == 0], load_digits().X_test)
+
+
+@pytest.mark.gpu
+def test_submissions_score_the_same_on_cuda(tmp_path):
+    """Every kind on CUDA gives the CPU's logits (float32 tolerance) and the same FLOPs."""
+    router = torch.nn.Linear(64, 3)
+    subs = {
+        "ens": (spec("ensemble", members=["zoo:digits/soup-ft0", "zoo:digits/cnn-s0"], rule="mean_prob"), {}),
+        "merge": (spec("merge", merge={"method": "ties", "base": "zoo:digits/soup-base",
+                                       "models": ["zoo:digits/soup-ft1", "zoo:digits/soup-ft2"],
+                                       "parameters": {"density": 0.5}}), {}),
+        "moe": (spec("moe", router="r", experts=["zoo:digits/task-rotate", "zoo:digits/task-noise",
+                                                 "zoo:digits/soup-ft7"], top_k=2), {"r": router}),
+        "cascade": (spec("cascade", stages=[{"model": "zoo:digits/soup-ft7", "threshold": 0.9},
+                                            {"model": "zoo:digits/cnn-s0"}]), {}),
+    }
+    X = challenge.load_public("val")[0]
+    for name, (s, models) in subs.items():
+        path = write_submission(tmp_path / name, s, models)
+        cpu, gpu = load_submission(path, device="cpu"), load_submission(path, device="cuda")
+        z_cpu, z_gpu = cpu.logits(X), gpu.logits(X.cuda())
+        assert z_gpu.device.type == "cuda"
+        assert torch.allclose(z_cpu, z_gpu.cpu(), atol=1e-4), name
+        if name != "cascade":   # a cascade's exits may flip on a near-threshold example
+            assert cost.submission_flops(cpu, X) == cost.submission_flops(gpu, X.cuda()), name
