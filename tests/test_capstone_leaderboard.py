@@ -167,9 +167,10 @@ def test_scoring_unpickles_nothing(klass, monkeypatch):
         monkeypatch.setattr(target, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(pickle, "Unpickler", refuse)
-    board = build([klass], latency_repeats=1, jobs=1)
-    statuses = {(e.team, e.submission): e.status for e in board.entries}
-    assert statuses == {k: v[0] for k, v in CASES.items()}
+    # latency is timed (that path runs too) but not gated: one timing on a busy machine may be far off
+    board = build([klass], latency_repeats=1, latency_tolerance=None, jobs=1)
+    statuses = {(e.team, e.submission): (e.status, e.reason) for e in board.entries}
+    assert {k: v[0] for k, v in statuses.items()} == {k: v[0] for k, v in CASES.items()}, statuses
 
 
 def test_out_dir_is_never_clobbered(klass, tmp_path, capsys):
