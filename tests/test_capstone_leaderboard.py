@@ -141,6 +141,16 @@ def test_latency_is_measured_and_gated(klass, tmp_path, capsys, monkeypatch):
                             "tolerance)")
     board = build([klass / "alice"], latency_repeats=3, latency_tolerance=None)
     assert {e.status for e in board.entries} == {"ok"}
+    # one slow timing (a busy machine) is timed again with twice the runs, and the better one counts
+    calls = []
+
+    def slow_once(fns, X, repeats):
+        calls.append(repeats)
+        return [[10.0 if len(calls) == 1 else 2.0] * repeats, [1.0] * repeats]
+
+    monkeypatch.setattr(cost, "measure_latency", slow_once)
+    (entry,) = build([klass / "erin"], latency_repeats=3).entries
+    assert calls == [3, 6] and entry.status == "ok" and entry.relative_latency == 2.0
 
 
 def test_a_tampered_hidden_split_is_refused_in_one_line(klass, tmp_path, capsys):

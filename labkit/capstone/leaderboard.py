@@ -11,7 +11,8 @@ folder holds ``<submission>/spec.yml``; a path that holds ``spec.yml`` itself is
 2. It is scored on the hidden split: accuracy on the public part (about 30%) and on the private part,
    and its FLOPs per example are counted (``cost``). Workers (``--jobs``) do this part; each result
    depends only on the submission and the hidden split, so any number of jobs gives the same table.
-3. Its latency is measured here, one submission at a time, alternating with the reference model.
+3. Its latency is measured here, one submission at a time, alternating with the reference model
+   (one over the gate is timed again, and keeps the better of the two).
 4. Over the FLOPs budget or the latency gate: *disqualified*, with the reason.
 5. ``--daily-cap N``: a team's valid submissions beyond the N-th of a UTC day (by ``submitted_at``)
    are *not counted*.
@@ -194,13 +195,19 @@ def _score_all(entries: list[Entry], hidden_path: str, sha256: str | None, devic
             e.flops, e.relative_flops = r["flops"], r["relative_flops"]
 
 
-def _measure_latency(entries: list[Entry], X, device: str, repeats: int, reference) -> None:
+def _measure_latency(entries: list[Entry], X, device: str, repeats: int, reference, limit: float | None) -> None:
+    """Time each valid submission against the reference. Noise only ever slows a run down, so a
+    submission over the latency ``limit`` is timed once more (twice as many runs) and keeps the
+    lower of the two relative latencies before the gate judges it."""
     for e in entries:
         if e.status != "ok":
             continue
         try:
             sub = load_submission(e.path, device=device, label=e.label)
             c = cost.submission_cost(sub, X, reference=reference, latency_repeats=repeats)
+            if limit is not None and c["relative_latency"] > limit:
+                again = cost.submission_cost(sub, X, reference=reference, latency_repeats=2 * repeats)
+                c = min(c, again, key=lambda m: m["relative_latency"])
             e.latency_ms, e.relative_latency = c["latency_ms"], c["relative_latency"]
         except Exception as err:  # it loaded a moment ago; anything now is the machine's problem
             e.status, e.reason = "invalid", f"latency could not be measured: {' '.join(str(err).split())}"
@@ -312,7 +319,8 @@ def build(paths, hidden=None, sha256: str | None = None, out_dir=None, reveal_pr
     reference_flops = cost.flops_per_example(reference)
     _score_all(entries + refs, hidden_path, sha256, device, jobs, reference_flops)
     if latency_repeats > 0:
-        _measure_latency(entries, X, device, latency_repeats, reference)
+        limit = None if latency_tolerance is None else budget * (1 + latency_tolerance)
+        _measure_latency(entries, X, device, latency_repeats, reference, limit)
     for e in entries:
         if e.status == "ok":
             why = cost.budget_violation(vars(e), budget, latency_tolerance)
