@@ -36,7 +36,17 @@ hidden layers of at most ``MAX_WIDTH`` units) or a ``DigitCNN`` (``{"kind": "cnn
 "dropout": 0.0, "num_classes": 10}``, at most ``MAX_CHANNELS`` channels).
 
 Every problem is a ``SubmissionError``: one line naming the submission, the file and the field.
-The models each kind builds, with their equations, are in ``kinds.py``.
+The models each kind builds, with their equations, are in ``kinds.py``. The budget is not a field:
+the leaderboard measures it (``labkit.capstone.cost``), so check yours on the public data::
+
+    from labkit.capstone import challenge, cost
+    from labkit.capstone.spec import load_submission, write_submission
+
+    write_submission("my-sub", {"team": "alice", "name": "distilled", "kind": "checkpoint",
+                                "model": "student"}, {"student": my_mlp})
+    sub = load_submission("my-sub")
+    X, y, domain = challenge.load_public("val")
+    (sub.logits(X).argmax(-1) == y).float().mean(), cost.submission_cost(sub, X)["relative_flops"]
 """
 from __future__ import annotations
 
@@ -410,7 +420,7 @@ class _Loader:
         base = self.classifier(config["base"], "merge.base") if config.get("base") is not None else None
         first = base if base is not None else models[0]
         for i, m in enumerate(models):
-            if m.config != first.config and {**m.config, "dropout": 0} != {**first.config, "dropout": 0}:
+            if {**m.config, "dropout": 0} != {**first.config, "dropout": 0}:   # dropout changes no tensor
                 self.fail(SPEC_FILE, f"{refs[i]!r} is a {m.config} but the merge's first model is a {first.config}: "
                           "only models of one architecture can be merged", f"merge.models[{i}]")
         try:
