@@ -472,6 +472,13 @@ def load_submission(directory, device=None, label: str | None = None) -> Submiss
 # ----------------------------------------------------------------------------- packing (student side)
 
 
+def _default_mode(folder: Path) -> None:
+    """mkdtemp makes a folder only its owner can read; give it the mode any new folder gets (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
 def _save_module(module: nn.Module, folder: Path, name: str) -> None:
     from safetensors.torch import save_file
 
@@ -519,6 +526,7 @@ def write_submission(directory, spec: dict, models: dict | None = None, overwrit
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
+        _default_mode(tmp)
         for name, module in sorted(models.items()):
             _save_module(module, tmp / name, name)
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
