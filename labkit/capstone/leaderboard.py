@@ -195,17 +195,18 @@ def _score_all(entries: list[Entry], hidden_path: str, sha256: str | None, devic
             e.flops, e.relative_flops = r["flops"], r["relative_flops"]
 
 
-def _measure_latency(entries: list[Entry], X, device: str, repeats: int, reference, limit: float | None) -> None:
+def _measure_latency(entries: list[Entry], X, device: str, repeats: int, reference, limit: float | None,
+                     budget: float) -> None:
     """Time each valid submission against the reference. Noise only ever slows a run down, so a
-    submission over the latency ``limit`` is timed once more (twice as many runs) and keeps the
-    lower of the two relative latencies before the gate judges it."""
+    submission over the latency ``limit`` (and within the FLOPs ``budget``) is timed once more
+    (twice as many runs) and keeps the lower of the two relative latencies before the gate judges it."""
     for e in entries:
         if e.status != "ok":
             continue
         try:
             sub = load_submission(e.path, device=device, label=e.label)
             c = cost.submission_cost(sub, X, reference=reference, latency_repeats=repeats)
-            if limit is not None and c["relative_latency"] > limit:
+            if limit is not None and c["relative_latency"] > limit and e.relative_flops <= budget:
                 again = cost.submission_cost(sub, X, reference=reference, latency_repeats=2 * repeats)
                 c = min(c, again, key=lambda m: m["relative_latency"])
             e.latency_ms, e.relative_latency = c["latency_ms"], c["relative_latency"]
@@ -320,7 +321,7 @@ def build(paths, hidden=None, sha256: str | None = None, out_dir=None, reveal_pr
     _score_all(entries + refs, hidden_path, sha256, device, jobs, reference_flops)
     if latency_repeats > 0:
         limit = None if latency_tolerance is None else budget * (1 + latency_tolerance)
-        _measure_latency(entries, X, device, latency_repeats, reference, limit)
+        _measure_latency(entries, X, device, latency_repeats, reference, limit, budget)
     for e in entries:
         if e.status == "ok":
             why = cost.budget_violation(vars(e), budget, latency_tolerance)
@@ -417,7 +418,7 @@ def leaderboard_cli(args) -> int:
     entries, _ = discover(args.submissions, out)
     check_out_dir(out, args.force, [e.path for e in entries] + list(args.reference or []))
     tolerance = None if args.latency_tolerance is not None and args.latency_tolerance < 0 else args.latency_tolerance
-    board = build(args.submissions, hidden=args.hidden, out_dir=out, reveal_private=args.reveal_private,
+    board = build(args.submissions, hidden=args.hidden, sha256=args.hidden_sha256, out_dir=out, reveal_private=args.reveal_private,
                   jobs=args.jobs, daily_cap=args.daily_cap, references=args.reference or [],
                   latency_repeats=args.latency_repeats, latency_tolerance=tolerance, device=args.device)
     written = write(board, out, force=args.force)
