@@ -1,6 +1,7 @@
 """``labkit leaderboard``: score capstone submissions on the hidden split, Kaggle's way (tooling).
 
-    labkit leaderboard CLASS_OR_SUBMISSION... --out DIR [--hidden PATH] [--reveal-private] [--jobs N]
+    labkit leaderboard CLASS_OR_SUBMISSION... --out DIR [--hidden PATH [--hidden-sha256 HEX]]
+                       [--reveal-private] [--jobs N]
                        [--daily-cap N] [--reference SUBMISSION...] [--latency-repeats N]
                        [--latency-tolerance T] [--force]
 
