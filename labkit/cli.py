@@ -96,6 +96,22 @@ def _merge(args) -> int:
     return 0
 
 
+def _leaderboard(args) -> int:
+    from .capstone.leaderboard import leaderboard_cli
+
+    args.jobs = _positive(args.jobs, "--jobs", int)
+    args.daily_cap = _positive(args.daily_cap, "--daily-cap", int)
+    if args.latency_repeats < 0:
+        raise ValueError(f"--latency-repeats must be 0 (no timing) or more, got {args.latency_repeats}")
+    return leaderboard_cli(args)
+
+
+def _capstone(args) -> int:
+    from .capstone.make_class import make_class_cli
+
+    return make_class_cli(args)
+
+
 def _device_arg(value: str) -> str:
     """--device: refused at parse time when this machine does not have it (no traceback later)."""
     from .merge.yaml_runner import parse_device
@@ -205,6 +221,36 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-tokenizer-mismatch", action="store_true",
                    help="merge models whose tokenizers map tokens to different ids (refused by default)")
     m.set_defaults(func=_merge)
+
+    lb = sub.add_parser("leaderboard", help="score capstone submissions on the hidden split; write CSV and HTML")
+    lb.add_argument("submissions", nargs="+",
+                    help="class folders (<team>/<submission>/spec.yml, <team>/final.yml) or submission folders")
+    lb.add_argument("--out", required=True, help="folder for leaderboard.csv and leaderboard.html")
+    lb.add_argument("--hidden", default=None, help="the hidden split (default: $LABKIT_CAPSTONE_HIDDEN, else "
+                    "instructor/capstone/hidden.safetensors of the checkout); refused unless its SHA-256 is the recorded one")
+    lb.add_argument("--hidden-sha256", default=None, metavar="HEX",
+                    help="the SHA-256 a hidden split of your own must have (default: the one recorded in "
+                         "labkit/capstone/challenge.py for the kit's hidden split)")
+    lb.add_argument("--reveal-private", action="store_true", help="rank by and show the private scores (the end)")
+    lb.add_argument("--jobs", type=int, default=1, help="parallel scoring processes (default 1; same results for any)")
+    lb.add_argument("--daily-cap", type=int, default=None,
+                    help="count at most N submissions per team and UTC day (by submitted_at)")
+    lb.add_argument("--reference", nargs="+", default=None, metavar="SUBMISSION",
+                    help="reference solutions (submission folders) scored and drawn on the frontier, not ranked")
+    lb.add_argument("--latency-repeats", type=int, default=5, help="timed runs per submission (0: no latency)")
+    lb.add_argument("--latency-tolerance", type=float, default=1.0,
+                    help="latency gate: at most budget x (1 + T) x the reference's latency (default 1.0; "
+                         "a negative value turns the latency gate off)")
+    lb.add_argument("--device", default=None, type=_device_arg, help="device to score on (default: cpu)")
+    lb.add_argument("--force", action="store_true", help="write into --out even if it holds other files")
+    lb.set_defaults(func=_leaderboard)
+
+    cap = sub.add_parser("capstone", help="capstone tooling")
+    capsub = cap.add_subparsers(dest="capstone_cmd", required=True)
+    mc = capsub.add_parser("make-class", help="generate a class folder of submissions covering every leaderboard case")
+    mc.add_argument("directory", help="new folder for the class")
+    mc.add_argument("--force", action="store_true", help="replace a class folder make-class wrote before")
+    cap.set_defaults(func=_capstone)
     return p
 
 
