@@ -45,7 +45,7 @@ lint: $(STAMP)
 # 2-core machine thrash
 test: $(STAMP)
 	$(BIN)/ruff check labkit notebooks/src tests
-	LABKIT_MODE=smoke OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile tests notebooks \
+	LABKIT_MODE=smoke LABKIT_HEADLESS=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile tests notebooks \
 		--nbval --nbval-current-env --nbval-cell-timeout=600 --nbval-sanitize-with tests/nbval_sanitize.cfg $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -111,6 +111,7 @@ def lab_server(browser_tools, tmp_path_factory):
                JUPYTERLAB_SETTINGS_DIR=str(settings), JUPYTERLAB_WORKSPACES_DIR=str(tmp / "workspaces"),
                JUPYTER_PREFER_ENV_PATH="1", PYDEVD_DISABLE_FILE_VALIDATION="1")
     env.pop("LABKIT_REPORT_FILE", None)
+    env.pop("LABKIT_HEADLESS", None)  # the real sliders, not their static figures
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
            "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={scratch}",
            "--LabApp.expose_app_in_browser=True"]

@@ -267,7 +267,8 @@ def build_cli(args) -> int:
         note = "outputs kept" if stale == 0 else f"{stale} code cell(s) new or changed: execute it"
         print(f"wrote {rel} ({note})")
         if stale:
-            print(f"  LABKIT_MODE=smoke OMP_NUM_THREADS=1 jupyter nbconvert --to notebook --execute --inplace {rel}")
+            print(f"  LABKIT_MODE=smoke LABKIT_HEADLESS=1 OMP_NUM_THREADS=1 jupyter nbconvert --to notebook --execute "
+                  f"--inplace {rel}")
     return 0
 
 

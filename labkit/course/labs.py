@@ -76,7 +76,7 @@ def run_notebook(path: Path, out: Path, mode: str, timeout: float, cell_timeout:
         resources={"metadata": {"path": str(path.parent.resolve())}}, on_cell_start=check_budget,
     )
     env = dict(os.environ, LABKIT_MODE=mode, LABKIT_REPORT_FILE=str(records_file.resolve()),
-               PYDEVD_DISABLE_FILE_VALIDATION="1")
+               PYDEVD_DISABLE_FILE_VALIDATION="1", LABKIT_HEADLESS="1")
     (out / "logs").mkdir(parents=True, exist_ok=True)
     with open(out / "logs" / f"{stem}.log", "wb") as log:
         try:

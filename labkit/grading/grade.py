@@ -227,6 +227,7 @@ class _Job:
         w = str(self.work)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LABKIT_BANK", "JPY_", "JUPYTER_"))}
         env.update(PYDEVD_DISABLE_FILE_VALIDATION="1", LABKIT_GRADING="1", LABKIT_GRADING_KERNEL="1", HOME=w,
+                   LABKIT_HEADLESS="1",  # sliders draw once (labkit.course.interactive): no hang on interact
                    IPYTHONDIR=f"{w}/.ipython", MPLCONFIGDIR=f"{w}/.matplotlib", XDG_CACHE_HOME=f"{w}/.cache",
                    XDG_CONFIG_HOME=f"{w}/.config", JUPYTER_RUNTIME_DIR=f"{w}/.jupyter", TMPDIR=w,
                    HF_HOME=f"{w}/.cache/huggingface", PYTHONDONTWRITEBYTECODE="1")

@@ -296,7 +296,9 @@ def draw_next_token(temperature=1.0):
 # NBVAL_IGNORE_OUTPUT
 try:
     import ipywidgets as widgets
-    widgets.interact(draw_next_token, temperature=widgets.FloatLogSlider(
+
+    from labkit.course.interactive import interact  # a slider here; one static figure in headless runs
+    interact(draw_next_token, temperature=widgets.FloatLogSlider(
         value=1.0, base=10, min=-1, max=1, step=0.05, description="T"))
 except ImportError:  # no widgets here: draw three temperatures instead
     print("ipywidgets is not installed: three temperatures instead of a slider")

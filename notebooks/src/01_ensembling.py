@@ -176,8 +176,10 @@ plt.show()
 # NBVAL_IGNORE_OUTPUT
 try:
     import ipywidgets as widgets
-    widgets.interact(draw_mixes, weight_a=widgets.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05),
-                 axes=widgets.fixed(None))
+
+    from labkit.course.interactive import interact  # a slider here; one static figure in headless runs
+    interact(draw_mixes, weight_a=widgets.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05),
+         axes=widgets.fixed(None))
 except ImportError:  # no widgets here: the static figure above shows three weights
     print("ipywidgets is not installed: see the static figure above")
 
