@@ -44,7 +44,7 @@ def reference_points(tensors: dict) -> list[dict]:
     """Hidden-split scores of reference solutions built from the pool (the leaderboard's frontier)."""
     from labkit import zoo
     from labkit.capstone import challenge, cost
-    from labkit.capstone.spec import Ensemble, Single
+    from labkit.capstone.kinds import Ensemble, Single
     from labkit.merge import uniform_soup
     from labkit.models import make_classifier
 

@@ -4,8 +4,8 @@
                        [--daily-cap N] [--reference SUBMISSION...] [--latency-repeats N]
                        [--latency-tolerance T] [--force]
 
-A class folder holds ``<team>/<submission>/spec.yml`` (and optionally ``<team>/final.yml``); a path
-that holds ``spec.yml`` itself is one submission. For every submission, in this order:
+A class folder holds ``<team>/<submission>/spec.yml`` (and optionally ``<team>/final.yml``); a team
+folder holds ``<submission>/spec.yml``; a path that holds ``spec.yml`` itself is one submission. For every submission, in this order:
 
 1. ``spec.load_submission`` validates it (no code runs); a bad one is *invalid*, with its one-line error.
 2. It is scored on the hidden split: accuracy on the public part (about 30%) and on the private part,
@@ -108,13 +108,21 @@ def discover(paths, out_dir: Path | None = None) -> tuple[list[Entry], dict[str,
         if (path / SPEC_FILE).is_file():
             entries.append(Entry(team=path.resolve().parent.name, submission=path.name, path=path))
             continue
-        for team_dir in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        children = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        is_team = any((c / SPEC_FILE).is_file() for c in children)
+        found = 0
+        for team_dir in [path] if is_team else children:
             if skip is not None and team_dir.resolve() == skip:
                 continue
             if (team_dir / "final.yml").is_file():
                 finals[team_dir.name] = team_dir / "final.yml"
             for sub in sorted(p for p in team_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                if skip is not None and sub.resolve() == skip:
+                    continue
                 entries.append(Entry(team=team_dir.name, submission=sub.name, path=sub, class_team=True))
+                found += 1
+        if not found:
+            raise ValueError(f"{raw}: no submissions found (a class folder holds <team>/<submission>/spec.yml)")
     seen = set()
     for e in entries:
         if e.path.resolve() in seen:

@@ -125,7 +125,12 @@ def _plot(board: Board, width: int = 680, height: int = 400) -> str:
                  f'budget {board.budget:g}x</text>')
     frontier = pareto_frontier([(x, y) for x, y, _ in refs])
     if frontier:
-        line = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in frontier)
+        # a staircase: what the best reference reaches at each cost, up to the right edge
+        steps = [frontier[0]]
+        for x, y in frontier[1:]:
+            steps += [(x, steps[-1][1]), (x, y)]
+        steps.append((2.0 ** hi_x, steps[-1][1]))
+        line = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in steps)
         parts.append(f'<polyline class="frontier" points="{line}" fill="none" stroke="#2a2" stroke-width="2"/>')
     for x, y, name in refs:
         parts.append(f'<rect class="ref" x="{px(x) - 4:.1f}" y="{py(y) - 4:.1f}" width="8" height="8" fill="#2a2">'

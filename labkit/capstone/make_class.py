@@ -56,7 +56,6 @@ def _student(seed_name: str):
 def _write_all(root: Path) -> None:
     from ..models import DigitMLP
 
-    torch.manual_seed(0)   # the one freshly initialised model (bad-shapes) is the same on every run
     day = "2026-11-2"
     write_submission(root / "alice" / "single", _spec("alice", "single", "checkpoint", f"{day}8T09:00:00Z",
                                                       model="zoo:digits/soup-ft7"))
@@ -87,7 +86,7 @@ def _write_all(root: Path) -> None:
     weights.write_bytes(bytes(data))
     shapes = root / "carol" / "bad-shapes"
     write_submission(shapes, _spec("carol", "bad-shapes", "checkpoint", f"{day}8T08:30:00Z", model="mine"),
-                     {"mine": DigitMLP(hidden=(128, 128))})
+                     {"mine": _seeded(lambda: DigitMLP(hidden=(128, 128)))})
     config = shapes / "mine" / "classifier.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "hidden": [64, 64]}, indent=1) + "\n")
     _rehash(shapes)   # the hashes match: only the shapes are wrong
@@ -105,13 +104,19 @@ def _write_all(root: Path) -> None:
         write_submission(root / "frank" / f"ft{i}", _spec("frank", f"ft{i}", "checkpoint", f"{day}8T1{i}:00:00Z",
                                                           model=f"zoo:digits/soup-ft{i}"))
     (root / "frank" / "final.yml").write_text(yaml.safe_dump({"finals": ["ft1", "ft2", "ft3"]}))
-    torch.manual_seed(0)
     write_submission(root / "grace" / "router", _spec("grace", "router", "moe", f"{day}9T09:00:00Z", router="gate",
                                                       experts=["zoo:digits/task-rotate", "zoo:digits/task-noise",
                                                                "zoo:digits/soup-ft7"], top_k=2),
-                     {"gate": torch.nn.Linear(64, 3)})
+                     {"gate": _seeded(lambda: torch.nn.Linear(64, 3))})
     write_submission(root / "grace" / "cascade", _spec("grace", "cascade", "cascade", f"{day}9T09:30:00Z", stages=[
         {"model": "zoo:digits/soup-ft7", "threshold": 0.9}, {"model": "zoo:digits/task-rotate"}]))
+
+
+def _seeded(make, seed: int = 0):
+    """``make()`` under a fixed seed (whatever ran before), leaving the caller's random state as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
 
 
 def _rehash(directory: Path) -> None:
