@@ -15,6 +15,7 @@ whichever device ``labkit.device.get_device()`` picks.
   moe                  the pool's domain experts behind a trained linear router (top-1 or top-2)
   cascade              a cheap model answers when confident, a bigger one the rest
   frontier             the accuracy-cost Pareto frontier of scored solutions
+  references           all of them as the notebook builds them; write_references packs them
 """
 from __future__ import annotations
 
@@ -333,3 +334,21 @@ def frontier(points):
     keep = [i for i, (c, a) in enumerate(keyed)
             if not any(c2 <= c and a2 >= a and (c2, a2) != (c, a) for c2, a2 in keyed)]
     return [points[i] for i in sorted(keep, key=lambda i: (keyed[i][0], -keyed[i][1]))]
+
+
+def references(steps: int = 1500, seed: int = 0) -> dict[str, Solution]:
+    """Every reference solution of notebooks/06_capstone.ipynb, by name, built as the notebook builds them
+    (for an instructor: ``write_references`` packs them for ``labkit leaderboard --reference``)."""
+    best, selected = best_single(), ensemble_selection()
+    out = [best, uniform_ensemble(), selected, greedy_soup(),
+           distilled(selected.info["members"], steps=steps, seed=seed),
+           distilled(selected.info["members"], steps=steps, alpha=0.0, seed=seed, name="fine-tuned"),
+           moe(top_k=1, seed=seed), moe(top_k=2, seed=seed), cascade(best.info["chosen"])]
+    return {s.spec["name"]: s for s in out}
+
+
+def write_references(directory, overwrite: bool = False, **kwargs) -> list:
+    """Pack every ``references()`` solution as ``directory/<name>``; returns the folders written."""
+    from pathlib import Path
+
+    return [s.write(Path(directory) / name, overwrite=overwrite) for name, s in references(**kwargs).items()]
