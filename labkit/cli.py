@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--out", required=True, help="folder for leaderboard.csv and leaderboard.html")
     lb.add_argument("--hidden", default=None, help="the hidden split (default: $LABKIT_CAPSTONE_HIDDEN, else "
                     "instructor/capstone/hidden.safetensors of the checkout); refused unless its SHA-256 is the recorded one")
+    lb.add_argument("--hidden-sha256", default=None, metavar="HEX",
+                    help="the SHA-256 a hidden split of your own must have (default: the one recorded in "
+                         "labkit/capstone/challenge.py for the kit's hidden split)")
     lb.add_argument("--reveal-private", action="store_true", help="rank by and show the private scores (the end)")
     lb.add_argument("--jobs", type=int, default=1, help="parallel scoring processes (default 1; same results for any)")
     lb.add_argument("--daily-cap", type=int, default=None,

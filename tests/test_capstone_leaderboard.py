@@ -141,6 +141,16 @@ def test_latency_is_measured_and_gated(klass, tmp_path, capsys, monkeypatch):
                             "tolerance)")
     board = build([klass / "alice"], latency_repeats=3, latency_tolerance=None)
     assert {e.status for e in board.entries} == {"ok"}
+    # one slow timing (a busy machine) is timed again with twice the runs, and the better one counts
+    calls = []
+
+    def slow_once(fns, X, repeats):
+        calls.append(repeats)
+        return [[10.0 if len(calls) == 1 else 2.0] * repeats, [1.0] * repeats]
+
+    monkeypatch.setattr(cost, "measure_latency", slow_once)
+    (entry,) = build([klass / "erin"], latency_repeats=3).entries
+    assert calls == [3, 6] and entry.status == "ok" and entry.relative_latency == 2.0
 
 
 def test_a_tampered_hidden_split_is_refused_in_one_line(klass, tmp_path, capsys):
@@ -154,6 +164,19 @@ def test_a_tampered_hidden_split_is_refused_in_one_line(klass, tmp_path, capsys)
     assert code == 2 and err.count("\n") == 1
     assert "SHA-256" in err and "corrupted or was modified" in err and str(bad) in err
     assert not out.exists()
+    # an instructor's own hidden split (here: the kit's without its frontier) is refused by default, and
+    # accepted when its SHA-256 is given
+    from safetensors.torch import save_file
+
+    from labkit.capstone.challenge import load_hidden, sha256_file
+
+    own = tmp_path / "own.safetensors"
+    save_file(dict(zip(("X", "y", "domain", "public"), load_hidden())), str(own))
+    code, _, err = run([klass / "erin", "--out", out, "--hidden", own, "--latency-repeats", "0"], capsys)
+    assert code == 2 and "corrupted or was modified" in err
+    code, _, err = run([klass / "erin", "--out", out, "--hidden", own, "--hidden-sha256", sha256_file(own),
+                        "--latency-repeats", "0"], capsys)
+    assert code == 0, err
 
 
 def test_scoring_unpickles_nothing(klass, monkeypatch):

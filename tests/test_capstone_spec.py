@@ -392,3 +392,16 @@ def test_submissions_score_the_same_on_cuda(tmp_path):
         assert torch.allclose(z_cpu, z_gpu.cpu(), atol=1e-4), name
         if name != "cascade":   # a cascade's exits may flip on a near-threshold example
             assert cost.submission_flops(cpu, X) == cost.submission_flops(gpu, X.cuda()), name
+
+
+def test_methods_never_import_the_tooling():
+    import ast
+    from pathlib import Path
+
+    root = Path(challenge.__file__).parent
+    tooling = {"leaderboard", "leaderboard_html", "make_class"}
+    for name in ("challenge", "spec", "kinds", "cost"):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {(n.module or "").split(".")[-1] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name.split(".")[-1] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not imported & tooling, (name, imported & tooling)

@@ -1,6 +1,7 @@
 """``labkit leaderboard``: score capstone submissions on the hidden split, Kaggle's way (tooling).
 
-    labkit leaderboard CLASS_OR_SUBMISSION... --out DIR [--hidden PATH] [--reveal-private] [--jobs N]
+    labkit leaderboard CLASS_OR_SUBMISSION... --out DIR [--hidden PATH [--hidden-sha256 HEX]]
+                       [--reveal-private] [--jobs N]
                        [--daily-cap N] [--reference SUBMISSION...] [--latency-repeats N]
                        [--latency-tolerance T] [--force]
 
@@ -11,7 +12,8 @@ folder holds ``<submission>/spec.yml``; a path that holds ``spec.yml`` itself is
 2. It is scored on the hidden split: accuracy on the public part (about 30%) and on the private part,
    and its FLOPs per example are counted (``cost``). Workers (``--jobs``) do this part; each result
    depends only on the submission and the hidden split, so any number of jobs gives the same table.
-3. Its latency is measured here, one submission at a time, alternating with the reference model.
+3. Its latency is measured here, one submission at a time, alternating with the reference model
+   (one over the gate is timed again, and keeps the better of the two).
 4. Over the FLOPs budget or the latency gate: *disqualified*, with the reason.
 5. ``--daily-cap N``: a team's valid submissions beyond the N-th of a UTC day (by ``submitted_at``)
    are *not counted*.
@@ -194,13 +196,20 @@ def _score_all(entries: list[Entry], hidden_path: str, sha256: str | None, devic
             e.flops, e.relative_flops = r["flops"], r["relative_flops"]
 
 
-def _measure_latency(entries: list[Entry], X, device: str, repeats: int, reference) -> None:
+def _measure_latency(entries: list[Entry], X, device: str, repeats: int, reference, limit: float | None,
+                     budget: float) -> None:
+    """Time each valid submission against the reference. Noise only ever slows a run down, so a
+    submission over the latency ``limit`` (and within the FLOPs ``budget``) is timed once more
+    (twice as many runs) and keeps the lower of the two relative latencies before the gate judges it."""
     for e in entries:
         if e.status != "ok":
             continue
         try:
             sub = load_submission(e.path, device=device, label=e.label)
             c = cost.submission_cost(sub, X, reference=reference, latency_repeats=repeats)
+            if limit is not None and c["relative_latency"] > limit and e.relative_flops <= budget:
+                again = cost.submission_cost(sub, X, reference=reference, latency_repeats=2 * repeats)
+                c = min(c, again, key=lambda m: m["relative_latency"])
             e.latency_ms, e.relative_latency = c["latency_ms"], c["relative_latency"]
         except Exception as err:  # it loaded a moment ago; anything now is the machine's problem
             e.status, e.reason = "invalid", f"latency could not be measured: {' '.join(str(err).split())}"
@@ -312,7 +321,8 @@ def build(paths, hidden=None, sha256: str | None = None, out_dir=None, reveal_pr
     reference_flops = cost.flops_per_example(reference)
     _score_all(entries + refs, hidden_path, sha256, device, jobs, reference_flops)
     if latency_repeats > 0:
-        _measure_latency(entries, X, device, latency_repeats, reference)
+        limit = None if latency_tolerance is None else budget * (1 + latency_tolerance)
+        _measure_latency(entries, X, device, latency_repeats, reference, limit, budget)
     for e in entries:
         if e.status == "ok":
             why = cost.budget_violation(vars(e), budget, latency_tolerance)
@@ -409,7 +419,7 @@ def leaderboard_cli(args) -> int:
     entries, _ = discover(args.submissions, out)
     check_out_dir(out, args.force, [e.path for e in entries] + list(args.reference or []))
     tolerance = None if args.latency_tolerance is not None and args.latency_tolerance < 0 else args.latency_tolerance
-    board = build(args.submissions, hidden=args.hidden, out_dir=out, reveal_private=args.reveal_private,
+    board = build(args.submissions, hidden=args.hidden, sha256=args.hidden_sha256, out_dir=out, reveal_private=args.reveal_private,
                   jobs=args.jobs, daily_cap=args.daily_cap, references=args.reference or [],
                   latency_repeats=args.latency_repeats, latency_tolerance=tolerance, device=args.device)
     written = write(board, out, force=args.force)

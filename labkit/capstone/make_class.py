@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .spec import write_submission
+from .spec import _default_mode, write_submission
 
 MARKER = ".labkit-class"
 
@@ -144,6 +144,7 @@ def make_class(directory, force: bool = False) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
+        _default_mode(tmp)
         _write_all(tmp)
         (tmp / MARKER).write_text("written by labkit capstone make-class\n")
         if directory.exists():

@@ -36,7 +36,17 @@ hidden layers of at most ``MAX_WIDTH`` units) or a ``DigitCNN`` (``{"kind": "cnn
 "dropout": 0.0, "num_classes": 10}``, at most ``MAX_CHANNELS`` channels).
 
 Every problem is a ``SubmissionError``: one line naming the submission, the file and the field.
-The models each kind builds, with their equations, are in ``kinds.py``.
+The models each kind builds, with their equations, are in ``kinds.py``. The budget is not a field:
+the leaderboard measures it (``labkit.capstone.cost``), so check yours on the public data::
+
+    from labkit.capstone import challenge, cost
+    from labkit.capstone.spec import load_submission, write_submission
+
+    write_submission("my-sub", {"team": "alice", "name": "distilled", "kind": "checkpoint",
+                                "model": "student"}, {"student": my_mlp})
+    sub = load_submission("my-sub")
+    X, y, domain = challenge.load_public("val")
+    (sub.logits(X).argmax(-1) == y).float().mean(), cost.submission_cost(sub, X)["relative_flops"]
 """
 from __future__ import annotations
 
@@ -410,7 +420,7 @@ class _Loader:
         base = self.classifier(config["base"], "merge.base") if config.get("base") is not None else None
         first = base if base is not None else models[0]
         for i, m in enumerate(models):
-            if m.config != first.config and {**m.config, "dropout": 0} != {**first.config, "dropout": 0}:
+            if {**m.config, "dropout": 0} != {**first.config, "dropout": 0}:   # dropout changes no tensor
                 self.fail(SPEC_FILE, f"{refs[i]!r} is a {m.config} but the merge's first model is a {first.config}: "
                           "only models of one architecture can be merged", f"merge.models[{i}]")
         try:
@@ -462,6 +472,13 @@ def load_submission(directory, device=None, label: str | None = None) -> Submiss
 # ----------------------------------------------------------------------------- packing (student side)
 
 
+def _default_mode(folder: Path) -> None:
+    """mkdtemp makes a folder only its owner can read; give it the mode any new folder gets (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
 def _save_module(module: nn.Module, folder: Path, name: str) -> None:
     from safetensors.torch import save_file
 
@@ -509,6 +526,7 @@ def write_submission(directory, spec: dict, models: dict | None = None, overwrit
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
+        _default_mode(tmp)
         for name, module in sorted(models.items()):
             _save_module(module, tmp / name, name)
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
