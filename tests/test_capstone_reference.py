@@ -103,8 +103,10 @@ def test_best_single_respects_the_budget_and_the_ensemble_does_not():
     assert reference.relative_flops(zoo.load("digits/cnn-s0")) > challenge.BUDGET_MULTIPLIER
     assert best.spec["kind"] == "checkpoint" and best.spec["model"] == f"zoo:{best.info['chosen']}"
     ens = reference.uniform_ensemble()
-    assert ens.info["relative_flops"] > challenge.BUDGET_MULTIPLIER
-    assert ens.spec["members"] == [f"zoo:{n}" for n in challenge.POOL] and ens.spec["rule"] == "mean_prob"
+    assert ens.info["relative_flops"] == len(reference.mergeable()) > challenge.BUDGET_MULTIPLIER
+    assert ens.spec["members"] == [f"zoo:{n}" for n in reference.mergeable()] and ens.spec["rule"] == "mean_prob"
+    with pytest.raises(ValueError, match="members, but a submission lists 1 to"):
+        reference.uniform_ensemble(list(challenge.POOL) * 2)
 
 
 def test_distilled_student_is_within_budget_and_deterministic():
@@ -145,9 +147,7 @@ def test_each_kind_packs_loads_and_scores_as_the_reference_says(tmp_path):
 
     X, y, _ = challenge.load_public("val")
     soup = reference.greedy_soup()
-    solutions = [reference.best_single(), reference.uniform_ensemble(challenge.POOL[:3]), soup,
-                 reference.distilled(teacher=["digits/task-noise"], init="digits/soup-base", steps=20),
-                 reference.moe(top_k=2, steps=20), reference.cascade(soup.info["model"])]
+    solutions = [*reference.references(steps=20).values(), reference.cascade(soup.info["model"])]
     assert {s.spec["kind"] for s in solutions} == {"checkpoint", "ensemble", "merge", "moe", "cascade"}
     for i, sol in enumerate(solutions):
         sub = load_submission(sol.write(tmp_path / f"s{i}"), device="cpu")

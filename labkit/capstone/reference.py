@@ -8,7 +8,7 @@ Every choice is made on the public val split and every training runs on the publ
 whichever device ``labkit.device.get_device()`` picks.
 
   best_single          the most accurate pool model within the budget
-  uniform_ensemble     the mean of members' probabilities (the whole pool: far over budget)
+  uniform_ensemble     the mean of members' probabilities (the soup's family of 12: over budget)
   ensemble_selection   greedy forward selection of ensemble members on val (over budget)
   greedy_soup          a weight average of the pool's fine-tunes of one base (one model's cost)
   distilled            an ensemble distilled into one pool-sized MLP
@@ -125,13 +125,20 @@ def best_single(candidates=challenge.POOL, budget: float | None = None) -> Solut
                     info={"chosen": chosen, "val_accuracy": scores[chosen], "candidates": scores})
 
 
-def uniform_ensemble(members=challenge.POOL, name: str = "pool-ensemble") -> Solution:
+def uniform_ensemble(members=None, name: str = "family-ensemble") -> Solution:
     """Average the members' probabilities, P(y|x) = 1/M sum_m P_m(y|x) (linear interpolation with equal
     weights; Dietterich 2000, Lakshminarayanan et al. 2017). It costs the sum of its members: M pool
-    models at inference, over any budget of fewer than M."""
-    members = list(members)
-    if not members:
-        raise ValueError("uniform_ensemble needs at least one member")
+    models at inference, over any budget of fewer than M.
+
+    members: zoo names (None: ``mergeable()``, the soup's base and its 11 fine-tunes, the very models
+    ``greedy_soup`` averages), at most ``spec.MAX_MODELS`` of them (what a submission may list).
+    """
+    from .spec import MAX_MODELS
+
+    members = mergeable() if members is None else list(members)
+    if not 1 <= len(members) <= MAX_MODELS:
+        raise ValueError(f"uniform_ensemble: {len(members)} members, but a submission lists 1 to {MAX_MODELS} "
+                         "(labkit.capstone.spec.MAX_MODELS)")
     _, y, _ = challenge.load_public("val")
     val = accuracy(mean_prob_logprobs([pool_logits(n, "val") for n in members]), y)
     cost = sum(relative_flops(_load(n)) for n in members)
