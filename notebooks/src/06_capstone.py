@@ -452,14 +452,15 @@ fig, ax = plt.subplots(figsize=(8, 4.5))
 labels = {}  # equal points share one label
 for p in points:
     labels.setdefault((p["cost"], p["accuracy"]), []).append(p["name"])
-    ax.plot(p["cost"], p["accuracy"], "o", color="tab:blue" if p["name"] in on_frontier else "tab:gray")
+    color = "tab:blue" if p["name"] in on_frontier else "tab:cyan" if p["name"] in frozen_frontier else "tab:gray"
+    ax.plot(p["cost"], p["accuracy"], "o", color=color)
 for (cost, acc), names in labels.items():
     ax.annotate(" = ".join(names), (cost, acc), fontsize=8, xytext=(4, 3), textcoords="offset points")
 for names, style, label in ((on_frontier, "-", "frontier"), (frozen_frontier, "--", "frontier of the frozen pool")):
     front = [next(p for p in points if p["name"] == n) for n in names]
     xs = [p["cost"] for p in front] + [max(p["cost"] for p in points)]
     ys = [p["accuracy"] for p in front] + [front[-1]["accuracy"]]
-    ax.step(xs, ys, style, where="post", color="tab:blue", label=label)
+    ax.step(xs, ys, style, where="post", color="tab:blue" if style == "-" else "tab:cyan", label=label)
 ax.axvline(challenge.BUDGET_MULTIPLIER, color="tab:red", linestyle=":", label=f"budget ({challenge.BUDGET_MULTIPLIER:g}x)")
 ax.set_xscale("log")
 ax.set_xlabel("inference FLOPs per example (x one pool MLP, log scale)")
