@@ -11,7 +11,7 @@ what ran: an ensemble pays for every member, an MoE for its router and the k exp
 routed to, a cascade for the stages each example actually went through (the mean over the data).
 The count is exact and the same on every machine, which is why the budget gate is on FLOPs.
 
-Latency (milliseconds per batch) is measured: a few timed runs on the grading machine, each right
+Latency (milliseconds per batch of ``LATENCY_ROWS`` rows) is measured: a few timed runs on the grading machine, each right
 after a run of the reference model so both see the same machine load; the relative latency is the
 median of these paired ratios. It is gated with a tolerance (``challenge.LATENCY_TOLERANCE``).
 """
@@ -72,6 +72,18 @@ def measure_latency(fns, X: torch.Tensor, repeats: int = 5, warmup: int = 1) -> 
     """Wall times in ms of each fn(X), ``repeats`` of each, timed in turns (fn0, fn1, ..., fn0, fn1,
     ...) so that a change of machine load hits all of them alike: [len(fns)][repeats]."""
     times = [[] for _ in fns]
+    # One CPU thread while timing: on a busy machine, intra-op threads wait on each other, and more so for
+    # the many small gather/scatter ops of an MoE or a cascade (5x a single model's time with 2 threads on
+    # a loaded 2-core CPU, the same as one model with 1 thread). The ratios then compare work, not stalls.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _timed_turns(fns, X, repeats, warmup, times)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _timed_turns(fns, X, repeats, warmup, times):
     with torch.no_grad():
         for _ in range(warmup):
             for fn in fns:
@@ -94,16 +106,24 @@ def reference_model(device=None) -> nn.Module:
     return zoo.load(REFERENCE_MODEL, device=device or "cpu")
 
 
-def submission_cost(sub, X: torch.Tensor, reference: nn.Module | None = None, latency_repeats: int = 5) -> dict:
+# Rows per timed batch. The pool's MLPs spend ~0.1 ms of arithmetic on a few thousand rows, so at that
+# size a timing measures Python overhead: a two-stage cascade at 1.7x the FLOPs timed 2.6x the reference
+# on 1795 rows and 1.8x on 28720 (2-core CPU). X is tiled to this many rows before it is timed.
+LATENCY_ROWS = 16384
+
+
+def submission_cost(sub, X: torch.Tensor, reference: nn.Module | None = None, latency_repeats: int = 5,
+                    latency_rows: int = LATENCY_ROWS) -> dict:
     """{flops, relative_flops, latency_ms, relative_latency} of ``sub`` on X [N, 64]; FLOPs per
-    example relative to the reference model's, latency of one batch X relative to the reference's
-    (measured here, now; ``latency_repeats=0`` skips the timing and leaves both None)."""
+    example relative to the reference model's, latency of one batch of ``latency_rows`` rows (X tiled)
+    relative to the reference's (measured here, now; ``latency_repeats=0`` skips the timing and leaves
+    both None)."""
     reference = reference if reference is not None else reference_model(sub.device)
     flops = submission_flops(sub, X)
     cost = {"flops": flops, "relative_flops": flops / flops_per_example(reference),
             "latency_ms": None, "relative_latency": None}
     if latency_repeats > 0:
-        Xd = X.to(sub.device)
+        Xd = X.repeat(-(-latency_rows // len(X)), 1)[:max(latency_rows, 1)].to(sub.device)
         ref_device = next(reference.parameters()).device
         sub_ms, ref_ms = measure_latency([sub.logits, lambda x: reference(x.to(ref_device))], Xd, latency_repeats)
         # the median of paired ratios: each pair ran back to back, under the same load

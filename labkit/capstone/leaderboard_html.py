@@ -11,7 +11,7 @@ from .leaderboard import COLUMNS, Board, row_values
 HEADERS = {"rank": "rank", "team": "team", "submission": "submission", "kind": "kind",
            "submitted_at": "submitted at", "final": "final", "status": "status",
            "public_accuracy": "public score", "private_accuracy": "private score", "flops": "FLOPs / example",
-           "relative_flops": "FLOPs (x ref)", "latency_ms": "latency (ms)", "relative_latency": "latency (x ref)",
+           "relative_flops": "FLOPs (x ref)", "latency_ms": "latency (ms, 16k rows)", "relative_latency": "latency (x ref)",
            "reason": "reason", "note": "note"}
 NUMERIC = {"rank", "public_accuracy", "private_accuracy", "flops", "relative_flops", "latency_ms", "relative_latency"}
 

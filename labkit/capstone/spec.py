@@ -75,7 +75,7 @@ KINDS = ("checkpoint", "ensemble", "merge", "moe", "cascade")
 RULES = ("mean_prob", "mean_logit", "vote")
 IN_FEATURES, NUM_CLASSES = 64, 10
 MAX_HIDDEN_LAYERS, MAX_WIDTH, MAX_CHANNELS = 4, 1024, 64
-MAX_MODELS = 16                        # members, experts, stages or merged models
+MAX_MODELS = 32                        # members, experts, stages or merged models
 MAX_FILE_BYTES = 32 * 2**20
 # pickle-based formats: loading one runs whatever code its author put in it
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
