@@ -70,8 +70,10 @@ def identify_notebook(nb, path: str | Path, known: list[str]) -> str:
     name = notebook_name(nb)
     if name:
         if name not in known:
+            hint = ("; the capstone is graded by `labkit leaderboard` on the submission folders it packs"
+                    if name.endswith("_capstone") else "")
             raise GradeError(f"{path}: its metadata names notebook {name!r}, which has no questions in the bank "
-                             f"(known: {', '.join(known) or 'none'})")
+                             f"(known: {', '.join(known) or 'none'}){hint}")
         return name
     stem = Path(path).stem
     if stem in known:
