@@ -52,7 +52,8 @@ def domain_sets(digits, domains: Sequence[str], val_seed: int = 1, test_seed: in
 @torch.no_grad()
 def correctness(model: torch.nn.Module, states: Sequence[dict], sets: dict, device=None) -> dict[str, torch.Tensor]:
     """{set name: bool [len(states), N]}: whether each state dict (loaded into ``model``'s architecture)
-    classifies each example of each (X, y) set correctly. One ``vmap`` over the stacked parameters."""
+    classifies each example of each (X, y) set correctly. One ``vmap`` over the stacked parameters;
+    ``model`` itself only lends its architecture (it is moved to ``device`` and put in eval mode)."""
     if not states:
         raise ValueError("correctness needs at least one state dict")
     device = torch.device(device) if device is not None else get_device()
@@ -87,7 +88,7 @@ def probabilities(model: torch.nn.Module, states: Sequence[dict], X: torch.Tenso
 # ----------------------------------------------------------------------------- statistics
 
 
-def bootstrap_ci(rows, statistic: Callable[[np.ndarray], np.ndarray] | None = None, n_boot: int = 2000,
+def bootstrap_ci(rows, statistic: Callable[[np.ndarray], np.ndarray] | None = None, n_boot: int = 10000,
                  level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """(estimate, low, high): a percentile bootstrap interval over the examples (columns) of ``rows``.
 
@@ -95,6 +96,8 @@ def bootstrap_ci(rows, statistic: Callable[[np.ndarray], np.ndarray] | None = No
     measured on the same N test examples. Each resample draws N examples with replacement and uses the
     same draw for every row, so differences between rows are paired. ``statistic`` maps row means
     [..., R] to [...] (default: their mean); the estimate is the statistic on the full sample.
+    10000 resamples by default: with 2000 the interval's ends still move by about 0.001 from one
+    random seed to the next, enough to flip a verdict whose interval ends near 0.
     Efron and Tibshirani (1993), ch. 13.
     """
     rows = np.atleast_2d(np.asarray(rows, dtype=np.float64))

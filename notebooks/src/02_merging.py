@@ -416,6 +416,8 @@ corr_all = float(np.corrcoef(every[:, 0], every[:, 1])[0, 1])
 corr_clean = float(np.corrcoef(points["clean"][:, 0], points["clean"][:, 1])[0, 1])
 wins = {k: float(np.mean(p[:, 0] > p[:, 1])) for k, p in points.items()}
 wins_all = float(np.mean(every[:, 0] > every[:, 1]))
+wins_by_set = [float(np.mean([(r[k]["average"].float().mean(-1) > r[k]["ensemble"].float().mean(-1)).float().mean()
+                              for k in test_names])) for r in av_ens]
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -436,9 +438,10 @@ print(f"{len(every)} (subset, test set) points over {len(ingredients)} ingredien
 print(f"{'':10s}{'averaging wins':>16s}{'ensemble - average':>20s}   95% CI")
 for k in test_names:
     print(f"{k:10s}{wins[k]:16.3f}{gap[k][0]:+20.4f}   [{gap[k][1]:+.4f}, {gap[k][2]:+.4f}]")
+print("fraction where averaging wins, per ingredient set:", np.round(wins_by_set, 3).tolist())
 print(f"independent seeds (clean): ensemble - average {indep_gap[0]:+.4f} [{indep_gap[1]:+.4f}, {indep_gap[2]:+.4f}]")
 record("avg vs ens: correlation (all points, clean only)", [corr_all, corr_clean])
-record("avg vs ens: fraction where averaging wins", {**wins, "all": wins_all})
+record("avg vs ens: fraction where averaging wins", {**wins, "all": wins_all, "per ingredient set": wins_by_set})
 record("avg vs ens: ensemble minus average (estimate, CI)", gap)
 record("independent pairs: ensemble minus average accuracy (estimate, CI)", indep_gap)
 
@@ -816,6 +819,9 @@ def normalised_difference(a, b, sizes):
     return digits_study.bootstrap_ci(rows, lambda m: ((m[..., 0::3] - m[..., 1::3]) / m[..., 2::3]).mean(-1))
 
 
+by_size = {size: {"TIES - averaging": normalised_difference("TIES", "averaging", [size]),
+                  "TIES - task arithmetic": normalised_difference("TIES", "task arithmetic", [size])}
+           for size in digit_subsets}
 digit_many = [size for size in digit_subsets if size >= 6]
 ties_vs_avg = normalised_difference("TIES", "averaging", digit_many)
 ties_vs_ta = normalised_difference("TIES", "task arithmetic", digit_many)
@@ -838,6 +844,9 @@ for size in digit_sizes:
     print(f"{size:3d}" + "".join(f"{np.mean(digit_normalised[m][size]):18.4f}" for m in digit_methods)
           + f"   {[r['TIES']['hyper'] for r in digit_tuned[size]][:3]}, "
           f"{[r['task arithmetic']['hyper'][0] for r in digit_tuned[size]][:3]}")
+print(f"{'k':>3s}{'TIES - averaging':>32s}{'TIES - task arithmetic':>34s}   (95% CI)")
+for size, d in by_size.items():
+    print(f"{size:3d}" + "".join(f"{v[0]:+14.4f} [{v[1]:+.4f}, {v[2]:+.4f}]" for v in d.values()))
 print("per domain at k = 7 (normalised):", {m: {k: round(v, 3) for k, v in digit_tuned[7][0][m]["normalised"].items()}
                                             for m in digit_methods})
 for name, d in (("TIES - averaging", ties_vs_avg), ("TIES - task arithmetic", ties_vs_ta),
@@ -845,8 +854,12 @@ for name, d in (("TIES - averaging", ties_vs_avg), ("TIES - task arithmetic", ti
     print(f"k >= 6, {name:28s} {d[0]:+.4f}  95% CI [{d[1]:+.4f}, {d[2]:+.4f}]")
 record("digits: normalised accuracy by number of domains (mean over merges)",
        {m: {size: float(np.mean(v)) for size, v in digit_normalised[m].items()} for m in digit_methods})
+record("digits: normalised accuracy per domain, mean over the merges that include it",
+       {m: {size: {k: float(np.mean([r[m]["normalised"][k] for r in rs if k in r[m]["normalised"]])) for k in domains}
+            for size, rs in digit_tuned.items()} for m in digit_methods})
 record("digits: chosen hyperparameters", {size: [{m: r[m]["hyper"] for m in digit_methods} for r in rs]
                                           for size, rs in digit_tuned.items()})
+record("digits: differences in normalised accuracy by k (estimate, CI)", by_size)
 record("digits: k >= 6 differences in normalised accuracy (estimate, CI)",
        {"TIES - averaging": ties_vs_avg, "TIES - task arithmetic": ties_vs_ta, "task arithmetic - averaging": ta_vs_avg})
 
@@ -863,11 +876,12 @@ claim(9, "TIES (tuned on validation) beats plain averaging when 6-7 digit domain
 # 92% of the specialists' accuracy with any method, merging all seven about 85-87%. Plain averaging
 # falls behind as $k$ grows because it is task arithmetic with $\lambda = 1/k$, a scale that shrinks
 # with every added domain, while validation picks $\lambda \approx 0.3$ for the sum. At $k = 6$-$7$
-# TIES beats averaging by about one point of normalised accuracy, with an interval that only just
-# excludes 0, and it is **within noise of task arithmetic with a tuned $\lambda$**; validation also
-# chose the least trimming on offer (density 0.7). So most of what TIES gains over averaging here
-# comes from the size of the update, which tuned task arithmetic gets too. The TIES paper's margins
-# over tuned task arithmetic are also small next to its margins over averaging.
+# TIES is ahead of averaging by about one point of normalised accuracy, but the 95% interval reaches
+# just below 0, so on 360 test digits per domain the claim is not established; TIES is **within noise
+# of task arithmetic with a tuned $\lambda$**, and validation chose the least trimming on offer
+# (density 0.7). Most of what TIES gains over averaging here comes from the size of the update,
+# which tuned task arithmetic gets too. The TIES paper's margins over tuned task arithmetic are also
+# small next to its margins over averaging, on models with millions of parameters and more tasks.
 #
 # **Move $\lambda$ yourself.** The slider scales the sum of all seven digit task vectors,
 # $\theta_{base} + \lambda\sum_k\tau_k$, from forgetting ($\lambda < 0$) through the base ($\lambda = 0$)
