@@ -254,14 +254,21 @@ def load_digits(seed: int = 0) -> Digits:
     return Digits(*tensors)
 
 
-SHIFT_KINDS = ("noise", "shift", "rotate", "thicken")
+# Kinds are only ever appended: the first four are the original robustness tests, the last three were
+# added as further domains for the merging lab (task vectors per domain); existing kinds never change.
+SHIFT_KINDS = ("noise", "shift", "rotate", "thicken", "blur", "erase", "zoom")
 
 
 def shift_digits(X, kind: str, severity: float = 1.0, seed: int = 0) -> torch.Tensor:
     """A distribution-shifted copy of digit images X [N, 64] (values in [0, 1]).
 
     noise: Gaussian pixel noise (std 0.3 x severity); shift: translate by up to 1 pixel x severity;
-    rotate: rotate by +-20 degrees x severity; thicken: grey-level dilation (severity steps).
+    rotate: rotate by +-20 degrees x severity; thicken: grey-level dilation (severity steps);
+    blur: Gaussian blur (sigma 0.8 x severity), each image rescaled to its original maximum (blur, not
+    dimming); erase: cutout (DeVries and Taylor 2017), a square of side round(3 x severity) pixels set to 0
+    at a random position; zoom: scale about the centre by 1.3 or 1/1.3 (x severity in the exponent,
+    random direction), so strokes are cut at the border or shrink into the middle.
+    The same ``seed`` gives the same images.
     """
     from scipy import ndimage
 
@@ -280,10 +287,29 @@ def shift_digits(X, kind: str, severity: float = 1.0, seed: int = 0) -> torch.Te
     elif kind == "rotate":
         out = np.stack([ndimage.rotate(im, rng.choice([-1, 1]) * 20.0 * severity, reshape=False, order=1,
                                        mode="constant") for im in imgs])
-    else:
+    elif kind == "thicken":
         out = imgs
         for _ in range(max(1, int(round(severity)))):
             out = np.stack([ndimage.grey_dilation(im, size=(2, 2)) for im in out])
+    elif kind == "blur":
+        blurred = np.stack([ndimage.gaussian_filter(im, 0.8 * severity, mode="constant") for im in imgs])
+        peak = blurred.max(axis=(1, 2), keepdims=True)
+        out = blurred * np.where(peak > 0, imgs.max(axis=(1, 2), keepdims=True) / np.maximum(peak, 1e-12), 0.0)
+    elif kind == "erase":
+        side = int(min(8, max(1, round(3 * severity))))
+        corners = rng.integers(0, 8 - side + 1, size=(len(imgs), 2))
+        out = imgs.copy()
+        for im, (r, c) in zip(out, corners):
+            im[r: r + side, c: c + side] = 0.0
+    else:  # zoom
+        centre = np.array([3.5, 3.5])
+        out = []
+        for im in imgs:
+            scale = 1.3 ** (rng.choice([-1, 1]) * severity)
+            # output pixel p reads input pixel centre + (p - centre) / scale
+            out.append(ndimage.affine_transform(im, np.eye(2) / scale, offset=centre - centre / scale, order=1,
+                                                mode="constant"))
+        out = np.stack(out)
     out = np.clip(out, 0.0, 1.0).reshape(-1, 64).astype(np.float32)
     return torch.from_numpy(out).to(X.device)
 

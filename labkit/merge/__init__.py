@@ -11,6 +11,7 @@ Tooling, which imports the files above and never the reverse:
   safetensors_io.py  lazy safetensors reading, streaming shard writing
   output_dir.py      which OUT_DIR is safe to write, atomic replacement, signals, leftovers of crashes
   yaml_runner.py     ``labkit merge CONFIG.yml OUT_DIR`` (mergekit YAML)
+  digits_study.py    the merging lab's measured digits comparisons (soups, ensembles, tuned TIES/task arithmetic)
 
 Every public name is importable from ``labkit.merge`` itself, e.g. ``from labkit.merge import ties``.
 """

@@ -33,7 +33,6 @@
 # `ties_trim`, `ties_elect`, `ties_disjoint_mean` (1 each).
 
 # %%
-import copy
 import itertools
 import subprocess
 import sys
@@ -49,7 +48,7 @@ import yaml
 
 from labkit import merge, zoo
 from labkit.course.report import claim, record
-from labkit.data import encode_for_training, exact_match, generate_answers, load_digits, load_digits_shifted
+from labkit.data import encode_for_training, exact_match, generate_answers, load_digits
 from labkit.data import make_task_dataset, unwanted_rate
 from labkit.device import by_mode, get_device, seed_everything
 from labkit.grading import check
@@ -264,124 +263,212 @@ def greedy_soup(models, evaluate):
 check("merge.greedy_soup", greedy_soup)
 
 # %% [markdown]
-# Cook both soups. Selection uses the **validation** set only; the test set and two shifted versions
-# of it (Gaussian pixel noise, rotation by ±20°) judge the result.
+# Cook both soups. Selection uses the **validation** set only; the clean test set and seven shifted
+# versions of it (pixel noise, translation, rotation, thicker strokes, blur, a cut-out square and
+# zoom; `labkit.data.SHIFT_KINDS`) judge the result.
+#
+# One set of eight fine-tunes is one draw of luck: which examples the soup gets right depends on the
+# fine-tunes' random seeds. The zoo holds **three ingredient sets**, the same eight recipes fine-tuned
+# with other seeds (`digits/soup-ft*`, `digits/soup-s1-ft*`, `digits/soup-s2-ft*`). Every comparison
+# below is a difference between two models on the same test digits, given with a 95% **bootstrap
+# interval** (resample the 360 test digits with replacement, recompute, keep the middle 95%) and its
+# spread over the three sets. A difference whose interval contains 0 is within noise. The digit
+# models are tiny, so they are scored on the CPU, which also gives the same numbers on every machine.
 
 # %%
-eval_sets = {"val": (X_val, y_val), "test": (X_test, y_test),
-             "test+noise": load_digits_shifted("noise"), "test+rotate": load_digits_shifted("rotate")}
-soup_states = [m.state_dict() for m in soup_models]
+from labkit.data import SHIFT_KINDS
+from labkit.merge import digits_study
+from labkit.zoo import DIGIT_TASK_DOMAINS, SOUP_SETS
+
+study_device = "cpu"
+soup_names = [[f"digits/soup-ft{i}" for i in range(8)]] + [[f"digits/soup-s{s}-ft{i}" for i in range(8)]
+                                                          for s in range(1, SOUP_SETS)]
+ingredients = [[zoo.load(n, device="cpu").state_dict() for n in names] for names in soup_names]
+soup_base = zoo.load("digits/soup-base", device="cpu")
+study_sets = digits_study.domain_sets(digits, SHIFT_KINDS)  # val/test x clean + seven shifts
+soup_states = ingredients[0]
 val_acc = lambda sd: digits_eval(sd)["acc"]  # noqa: E731
-individual = [val_acc(sd) for sd in soup_states]
-best_single = max(range(len(soup_states)), key=lambda i: individual[i])
 greedy_state, chosen = greedy_soup(soup_states, val_acc)
-candidates = {"best single (by val)": soup_states[best_single],
-              "uniform soup": weighted_average(soup_states, [1.0] * len(soup_states)),
-              "greedy soup": greedy_state}
-soup_table = {name: {k: digits_eval(sd, X, y)["acc"] for k, (X, y) in eval_sets.items()}
-              for name, sd in candidates.items()}
-mean_ingredient = {k: float(np.mean([digits_eval(sd, X, y)["acc"] for sd in soup_states]))
-                   for k, (X, y) in eval_sets.items()}
+print("your greedy soup picks the same fine-tunes as labkit.merge.greedy_soup:",
+      chosen == merge.greedy_soup(soup_states, val_acc).chosen)
+soups = digits_study.soup_study(soup_base, ingredients, study_sets, study_device)
+shifts = list(SHIFT_KINDS)
+
+
+def acc_of(correct, on):
+    """Accuracy on one test set, or the mean over the shifted ones (on="shift")."""
+    return float(np.mean([correct[k].float().mean() for k in (shifts if on == "shift" else [on])]))
+
+
+def paired_difference(a, b, on):
+    """(estimate, low, high) of accuracy(a) - accuracy(b) averaged over ingredient sets (and shifts),
+    bootstrapping the test digits (the same digits for every set and shift: a paired comparison)."""
+    kinds = shifts if on == "shift" else [on]
+    rows = np.stack([(s["correct"][a][k].float() - s["correct"][b][k].float()).numpy() for s in soups for k in kinds])
+    return digits_study.bootstrap_ci(rows)
+
+
+def verdict(ci):
+    return "better" if ci[1] > 0 else "worse" if ci[2] < 0 else "within noise"
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-print(f"{'':22s}" + "".join(f"{k:>13s}" for k in eval_sets))
-for name, accs in list(soup_table.items()) + [("mean ingredient", mean_ingredient)]:
-    print(f"{name:22s}" + "".join(f"{accs[k]:13.4f}" for k in eval_sets))
-print("greedy soup ingredients:", chosen, f"({len(chosen)} of {len(soup_states)} fine-tunes)")
-record("soups: accuracy by evaluation set", soup_table)
-record("soups: mean ingredient accuracy", mean_ingredient)
-best, uniform, greedy = soup_table.values()
-claim(6, "the greedy soup is at least as good as the best single model on the data used for selection",
-      greedy["val"] >= best["val"], detail=f"val {greedy['val']:.4f} vs {best['val']:.4f}")
-claim(6, "the uniform soup is more robust under distribution shift than the best single model",
-      uniform["test+noise"] > best["test+noise"] and uniform["test+rotate"] > best["test+rotate"],
-      detail=f"noise {uniform['test+noise']:.4f} vs {best['test+noise']:.4f}, "
-             f"rotate {uniform['test+rotate']:.4f} vs {best['test+rotate']:.4f}")
+print(f"{'':16s}{'set':>4s}{'val':>8s}{'test':>8s}{'shifted (mean of 7)':>21s}   greedy soup ingredients")
+for i, s in enumerate(soups):
+    for name in ("best single", "uniform soup", "greedy soup"):
+        print(f"{name:16s}{i:4d}{s['val'][name]:8.4f}{acc_of(s['correct'][name], 'clean'):8.4f}"
+              f"{acc_of(s['correct'][name], 'shift'):21.4f}   " + (str(s["chosen"]) if name == "greedy soup" else ""))
+comparisons = {"greedy - best single, test": ("greedy soup", "best single", "clean"),
+               "uniform - best single, test": ("uniform soup", "best single", "clean"),
+               "uniform - best single, shifted": ("uniform soup", "best single", "shift"),
+               "greedy - best single, shifted": ("greedy soup", "best single", "shift")}
+soup_diffs = {"greedy - best single, val": digits_study.spread([s["val"]["greedy soup"] - s["val"]["best single"]
+                                                                for s in soups])}
+for name, (a, b, on) in comparisons.items():
+    soup_diffs[name] = d = paired_difference(a, b, on)
+    per_set = [round(acc_of(s["correct"][a], on) - acc_of(s["correct"][b], on), 4) for s in soups]
+    print(f"{name:32s} {d[0]:+.4f}  95% CI [{d[1]:+.4f}, {d[2]:+.4f}]  per set {per_set}")
+record("soups over ingredient sets: accuracy", [{name: {"val": s["val"][name], "test": acc_of(s["correct"][name], "clean"),
+                                                       "shifted": acc_of(s["correct"][name], "shift")}
+                                                for name in s["correct"]} for s in soups])
+record("soups: differences (estimate, CI low, CI high)", soup_diffs)
+
+# %%
+print("greedy soup vs best single on the validation digits it was chosen on:",
+      "at least as good in every set" if soup_diffs["greedy - best single, val"]["min"] >= 0 else "worse in a set")
+for name in ("greedy - best single, test", "uniform - best single, test", "uniform - best single, shifted"):
+    print(f"{name}: {verdict(soup_diffs[name])}")
+claim(6, "the greedy soup is at least as good as the best single model on the data used for selection (every set)",
+      soup_diffs["greedy - best single, val"]["min"] >= 0, detail=str(soup_diffs["greedy - best single, val"]))
+claim(6, "the greedy soup is at least as good as the best single model in distribution (test, mean over sets)",
+      soup_diffs["greedy - best single, test"][0] >= 0, detail=str(soup_diffs["greedy - best single, test"]))
+claim(6, "the uniform soup is more robust under shift than the best single model (95% CI above 0)",
+      soup_diffs["uniform - best single, shifted"][1] > 0, detail=str(soup_diffs["uniform - best single, shifted"]))
 
 # %% [markdown]
-# Read the table honestly. The greedy soup is built to beat the best single model **on the
-# validation set**, and it cannot do worse there (it starts from that model). Whether the uniform
-# soup is more robust under shift than the best single model depends on the ingredients: some of
-# these fine-tunes were trained without noise augmentation and can drag the average down on noisy
-# inputs, while the model picked on validation may have been trained with it. Compare the uniform
-# soup with the **mean ingredient** row too. Wortsman et al. report the robustness gain for
-# fine-tunes of a large pre-trained model (CLIP) whose ingredients all share its robust features;
-# eight small MLPs are a much weaker setting.
+# **Why the uniform soup is not more robust here.** Wortsman et al. souped fine-tunes of CLIP that
+# all stay in one low-loss basin around the pre-trained model. Look at our ingredients: how far each
+# moved from `digits/soup-base`, how far they are from each other, and which of them are robust.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+spreads = [digits_study.ingredient_spread(soup_base.state_dict(), s, soup_base, study_sets["test"], study_device)
+           for s in ingredients]
+for i, sp in enumerate(spreads):
+    lo, hi = sp["accuracy_range"]["clean"]
+    shifted_lo = np.mean([sp["accuracy_range"][k][0] for k in shifts])
+    shifted_hi = np.mean([sp["accuracy_range"][k][1] for k in shifts])
+    print(f"set {i}: test accuracy {lo:.3f}-{hi:.3f}, shifted (mean of 7) {shifted_lo:.3f}-{shifted_hi:.3f}; "
+          f"pairwise distance / distance from the base {sp['pairwise_distance_relative']:.2f}, "
+          f"cosine of their deltas {sp['mean_cosine']:.2f}; they disagree on "
+          f"{sp['disagreement']['clean']:.1%} of test digits, {np.mean([sp['disagreement'][k] for k in shifts]):.1%} of shifted")
+from labkit.zoo import RECIPES  # noqa: E402
+
+soup_base_sd = soup_base.state_dict()
+single = digits_study.correctness(soup_base, soup_states, study_sets["test"], study_device)
+print(f"\nset 0, one line per fine-tune: {'lr':>6s}{'noise aug':>10s}{'||theta - base||':>17s}{'test':>7s}{'shifted':>9s}")
+for i, name in enumerate(soup_names[0]):
+    r = RECIPES[name]
+    print(f"{name:34s}{r['lr']:6.0e}{r['noise']:10.1f}{merge.TaskVector.between(soup_base_sd, soup_states[i]).norm():17.2f}"
+          f"{single['clean'][i].float().mean():7.3f}{np.mean([single[k][i].float().mean() for k in shifts]):9.3f}")
+uniform_vs_mean = float(np.mean([acc_of(s["correct"]["uniform soup"], "shift") for s in soups]))
+mean_ingredient_shift = float(np.mean([single[k].float().mean() for k in shifts]))
+print(f"\nset 0 under shift: uniform soup {acc_of(soups[0]['correct']['uniform soup'], 'shift'):.3f}, "
+      f"mean ingredient {mean_ingredient_shift:.3f}, best single {acc_of(soups[0]['correct']['best single'], 'shift'):.3f}")
+record("soup ingredient spread", spreads)
+
+# %% [markdown]
+# The ingredients are **not close to each other**: two fine-tunes are about as far apart as each is
+# from the base, and the cosine between their updates is about 0.5; the lr 1e-2 fine-tunes moved up
+# to four times as far as the lr 1e-3 ones. Their robustness differs far more than their clean
+# accuracy: all score 0.97-0.99 on clean test digits but about 0.65-0.77 under shift, and the most
+# robust were trained with noise augmentation. The uniform soup averages robust and fragile
+# fine-tunes alike and lands just above the *mean ingredient* under shift, below the best single
+# model, which validation picked among the noise-augmented ones (the same recipe in every set). The
+# greedy soup keeps only fine-tunes that help on validation and avoids most of this loss, but in
+# distribution it is within a few test digits of the best single model: its guarantee holds on the
+# data it was chosen on. Wortsman et al.'s robustness gain needs ingredients that all share the
+# pre-trained model's robust features and stay in its basin; eight small MLPs fine-tuned over a wide
+# grid of learning rates and augmentations are not that setting.
 #
 # ### Averaging vs ensembling
 #
-# For many subsets of the fine-tunes, compare the **averaged model** (one model's cost) with the
-# **ensemble** of the same members (mean of their probabilities, $k$ models' cost). Add pairs of the
+# For every pair of fine-tunes in each ingredient set (and all eight together), compare the
+# **averaged model** (one model's cost) with the **ensemble** of the same members (mean of their
+# probabilities, $k$ models' cost), on the clean and on the seven shifted test sets. Add pairs of the
 # independently trained `digits/mlp-s*`, where averaging is not expected to work.
 
 # %%
-max_size = by_mode(smoke=2, full=4)
-subsets = [c for r in range(2, max_size + 1) for c in itertools.combinations(range(8), r)]
-probs = {k: [predict_logits(m, X).softmax(-1) for m in soup_models] for k, (X, _) in eval_sets.items() if k != "val"}
-
-def avg_vs_ens(members, member_probs, X, y):
-    averaged = (predict_logits(merge.load_merged(mlp_a, weighted_average([m.state_dict() for m in members],
-                                                                         [1.0] * len(members))), X)
-                .argmax(-1) == y).float().mean().item()
-    ensembled = (sum(member_probs).argmax(-1) == y).float().mean().item()
-    return averaged, ensembled
-
-points = {k: [] for k in probs}
-for subset in subsets:
-    for k, (X, y) in eval_sets.items():
-        if k != "val":
-            points[k].append(avg_vs_ens([soup_models[i] for i in subset], [probs[k][i] for i in subset], X, y))
+member_subsets = list(itertools.combinations(range(8), 2)) + [tuple(range(8))]
+av_ens = [digits_study.average_vs_ensemble(soup_base, s, member_subsets, study_sets["test"], study_device)
+          for s in ingredients]
 independent = [zoo.load(f"digits/mlp-s{i}", device="cpu") for i in range(5)]
-indep_points = [avg_vs_ens([independent[i], independent[j]],
-                           [predict_logits(independent[i], X_test).softmax(-1),
-                            predict_logits(independent[j], X_test).softmax(-1)], X_test, y_test)
-                for i, j in itertools.combinations(range(5), 2)]
+indep_pairs = list(itertools.combinations(range(5), 2))
+indep = digits_study.average_vs_ensemble(independent[0], independent, indep_pairs,
+                                         {"clean": study_sets["test"]["clean"]}, study_device)["clean"]
+test_names = list(study_sets["test"])
+points = {k: np.concatenate([np.stack([r[k]["average"].float().mean(-1), r[k]["ensemble"].float().mean(-1)], 1)
+                             for r in av_ens]) for k in test_names}
+gap = {k: digits_study.bootstrap_ci(np.concatenate([(r[k]["ensemble"].float() - r[k]["average"].float()).numpy()
+                                                    for r in av_ens])) for k in test_names}
+indep_gap = digits_study.bootstrap_ci((indep["ensemble"].float() - indep["average"].float()).numpy())
+every = np.concatenate(list(points.values()))
+corr_all = float(np.corrcoef(every[:, 0], every[:, 1])[0, 1])
+corr_clean = float(np.corrcoef(points["clean"][:, 0], points["clean"][:, 1])[0, 1])
+wins = {k: float(np.mean(p[:, 0] > p[:, 1])) for k, p in points.items()}
+wins_all = float(np.mean(every[:, 0] > every[:, 1]))
+wins_by_set = [float(np.mean([(r[k]["average"].float().mean(-1) > r[k]["ensemble"].float().mean(-1)).float().mean()
+                              for k in test_names])) for r in av_ens]
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-fig, ax = plt.subplots(figsize=(5.2, 4.6))
+fig, ax = plt.subplots(figsize=(5.4, 4.6))
 for k, pts in points.items():
-    a, e = np.array(pts).T
-    ax.scatter(e, a, s=14, alpha=0.7, label=f"soup fine-tunes, {k}")
-a, e = np.array(indep_points).T
-ax.scatter(e, a, s=30, marker="x", color="k", label="independent seeds, test")
-lo = min(min(min(p) for p in pts) for pts in points.values())
+    ax.scatter(pts[:, 1], pts[:, 0], s=10, alpha=0.6, label=f"soup fine-tunes, {k}")
+ind_acc = np.stack([indep["average"].float().mean(-1), indep["ensemble"].float().mean(-1)], 1)
+ax.scatter(ind_acc[:, 1], ind_acc[:, 0], s=30, marker="x", color="k", label="independent seeds, clean")
+lo = float(every.min())
 ax.plot([lo, 1], [lo, 1], "k--", lw=0.8)
 ax.set_xlabel("ensemble accuracy"), ax.set_ylabel("averaged-model accuracy")
-ax.legend(fontsize=7)
+ax.legend(fontsize=6, ncol=2)
 ax.set_title("Averaging vs ensembling the same members")
 plt.tight_layout()
 plt.show()
+print(f"{len(every)} (subset, test set) points over {len(ingredients)} ingredient sets; "
+      f"correlation {corr_all:.3f} over all, {corr_clean:.3f} within the clean test set")
+print(f"{'':10s}{'averaging wins':>16s}{'ensemble - average':>20s}   95% CI")
+for k in test_names:
+    print(f"{k:10s}{wins[k]:16.3f}{gap[k][0]:+20.4f}   [{gap[k][1]:+.4f}, {gap[k][2]:+.4f}]")
+print("fraction where averaging wins, per ingredient set:", np.round(wins_by_set, 3).tolist())
+print(f"independent seeds (clean): ensemble - average {indep_gap[0]:+.4f} [{indep_gap[1]:+.4f}, {indep_gap[2]:+.4f}]")
+record("avg vs ens: correlation (all points, clean only)", [corr_all, corr_clean])
+record("avg vs ens: fraction where averaging wins", {**wins, "all": wins_all, "per ingredient set": wins_by_set})
+record("avg vs ens: ensemble minus average (estimate, CI)", gap)
+record("independent pairs: ensemble minus average accuracy (estimate, CI)", indep_gap)
 
-print(len(subsets), "subsets of fine-tunes,", len(indep_points), "pairs of independent models")
-every = np.array([p for pts in points.values() for p in pts])
-corr_all = np.corrcoef(every[:, 0], every[:, 1])[0, 1]
-corr_test = np.corrcoef(*np.array(points["test"]).T)[0, 1]
-wins = {k: float(np.mean([a > e for a, e in pts])) for k, pts in points.items()}
-indep_gap = float(np.mean([e - a for a, e in indep_points]))
-print(f"correlation over all points {corr_all:.3f}, within the test set only {corr_test:.3f}")
-print("fraction of subsets where the averaged model beats the ensemble:", {k: round(v, 3) for k, v in wins.items()})
-print(f"independent seeds: the ensemble beats the average by {indep_gap:.3f} on average")
-record("avg vs ens: correlation (all points, test only)", [corr_all, corr_test])
-record("avg vs ens: fraction where averaging wins", wins)
-record("independent pairs: ensemble minus average accuracy", indep_gap)
+# %%
+print("ensemble vs averaged model, by test set:",
+      {k: {"better": "ensemble better", "worse": "averaging better"}.get(verdict(g), "within noise") for k, g in gap.items()})
 claim(7, "averaged-model accuracy is strongly correlated with ensemble accuracy", corr_all > 0.9,
-      detail=f"r = {corr_all:.3f} over all evaluation sets, {corr_test:.3f} within the test set")
-claim(7, "the averaged model rarely beats the ensemble of the same members", max(wins.values()) < 0.25,
-      detail=str({k: round(v, 3) for k, v in wins.items()}))
-claim(7, "averaging hurts where ensembling does not (independent initialisations)", indep_gap > 0.01,
-      detail=f"mean gap {indep_gap:.3f}")
-
+      detail=f"r = {corr_all:.3f} over all test sets, {corr_clean:.3f} within the clean test set")
+claim(7, "the averaged model rarely beats the ensemble of the same members (in under 25% of cases)", wins_all < 0.25,
+      detail=f"all {wins_all:.3f}; " + str({k: round(v, 3) for k, v in wins.items()}))
+claim(7, "averaging hurts where ensembling does not (independent initialisations)", indep_gap[0] > 0.01,
+      detail=f"ensemble - average {indep_gap}")
 
 # %% [markdown]
-# The strong correlation over all points mostly reflects how hard each evaluation set is; within
-# the test set alone it is weaker, because all these models score within a few examples of each
-# other. In distribution the ensemble usually wins, as Wortsman et al. found. Under shift, on these
-# small models, the averaged model often beats the ensemble: the claim "almost never better" does
-# not hold everywhere here. Independently initialised models show the other side: ensembling them
-# helps while averaging them hurts.
-#
+# The strong correlation over all points mostly reflects how hard each test set is; within the clean
+# test set it is weaker, because all these models score within a few digits of each other. **In
+# distribution** the ensemble and the averaged model are within noise of each other, as the soup
+# paper found for fine-tunes of one base: the ingredients disagree on very few clean digits, so
+# there is little for an ensemble to gain. **Under shift** the averaged model often beats the
+# ensemble of the same members, so "averaging rarely beats ensembling" does not hold on these small
+# models: the claim is recorded as failed, with the intervals above as the evidence. (Weight
+# averaging of fine-tunes of one base is known to match or beat ensembling out of distribution when
+# the members share a basin, e.g. Rame et al. 2022, *Diverse Weight Averaging*.) Independently
+# initialised models show the other side: ensembling them helps while averaging them hurts.
+
+# %% [markdown]
 # ## 4. Task vectors on language models
 #
 # Ilharco et al. (2023) define a **task vector** as the difference between a fine-tuned model and
@@ -569,131 +656,262 @@ record("sign conflict rate (all, trimmed to 20%)", [np.mean(list(conflicts.value
 # ### Where task vectors do work: fine-tunes that stay close to their base
 #
 # Task arithmetic assumes that a fine-tune stays in its base's neighbourhood, where the effects of
-# parameter changes add up roughly linearly. Large pre-trained models fine-tuned gently are like that.
-# Our language-model fine-tunes are not: a few hundred steps on one task moved them so far that even
-# half a task vector loses the skill. The digit classifiers are a friendlier case:
-# `digits/task-rotate`, `digits/task-thicken` and `digits/task-noise` are the soup's base
-# (`digits/soup-base`) fine-tuned for 400 small steps on rotated, thick-stroked or noisy training
-# digits only. Each domain plays the part of a task. As before, $\lambda$ is chosen on *validation*
-# digits (shifted the same way) and the table reports *test* accuracy.
+# parameter changes add up roughly linearly. The digit classifiers are such a case: `digits/task-K`
+# is the soup's base (`digits/soup-base`) fine-tuned for 400 small steps (lr 1e-3) on training digits
+# distorted one way only, for seven kinds K: rotated, thick-stroked, noisy, translated (`shift`),
+# blurred, with a square cut out (`erase`) and zoomed. Each domain plays the part of a task. Every
+# hyperparameter ($\lambda$, TIES's density) is chosen on *validation* digits distorted the same way
+# (other images, other random distortions) and every table reports *test* digits.
 
 # %%
-from labkit.data import shift_digits
-from labkit.train import accuracy
-
-digits = load_digits()
-domains = ["rotate", "thicken", "noise"]
-shifted = {k: {"val": shift_digits(digits.X_val, k, seed=1), "test": shift_digits(digits.X_test, k, seed=0)}
-           for k in domains}
-d_base = zoo.load("digits/soup-base", device=device)
-d_ft = {k: zoo.load(f"digits/task-{k}", device=device) for k in domains}
-d_tau = {k: merge.TaskVector.between(d_base, m) for k, m in d_ft.items()}
-d_probe = copy.deepcopy(d_base)
+domains = list(DIGIT_TASK_DOMAINS)
+task_sets = digits_study.domain_sets(digits, domains)
+d_base = zoo.load("digits/soup-base", device="cpu")
+base_state = d_base.state_dict()
+ft_states = {k: zoo.load(f"digits/task-{k}", device="cpu").state_dict() for k in domains}
+d_tau = {k: merge.TaskVector.between(base_state, ft_states[k]) for k in domains}
 
 
-def domain_accuracy(state, split="test"):
-    """Accuracy of a digits state dict on clean digits and on each shifted domain."""
-    d_probe.load_state_dict(state)
-    X, y = (digits.X_val, digits.y_val) if split == "val" else (digits.X_test, digits.y_test)
-    return {"clean": accuracy(d_probe, X, y), **{k: accuracy(d_probe, shifted[k][split], y) for k in domains}}
+def digit_scores(states, split="test"):
+    """{set: accuracy [len(states)]} on clean digits and on each domain."""
+    return {k: c.float().mean(-1) for k, c in digits_study.correctness(d_base, states, task_sets[split],
+                                                                        study_device).items()}
 
 
-def best_on_validation(states, on):
-    """The key of the state with the best mean validation accuracy over the domains ``on``."""
-    return max(states, key=lambda key: np.mean([domain_accuracy(states[key], "val")[k] for k in on]))
+base_test, base_val = digit_scores([base_state]), digit_scores([base_state], "val")
+ft_correct = digits_study.correctness(d_base, [ft_states[k] for k in domains], task_sets["test"], study_device)
+ft_test = {k: ft_correct[k][i] for i, k in enumerate(domains)}  # each fine-tune on its own domain
+ft_val = digit_scores([ft_states[k] for k in domains], "val")
+# a fine-tune "adds a skill" when it beats the base on its own domain by 0.05 on validation
+skills_added = [k for i, k in enumerate(domains) if ft_val[k][i] > base_val[k][0] + 0.05]
+theta_norm = merge.TaskVector(base_state).norm()
+print("fine-tunes that add a skill on validation:", skills_added)
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+print(f"{'model':24s}" + "".join(f"{c:>8s}" for c in ["clean", *domains]) + "   ||tau||/||theta||")
+print(f"{'base':24s}" + "".join(f"{base_test[c][0]:8.3f}" for c in ["clean", *domains]))
+ft_all = digit_scores([ft_states[k] for k in domains])
+for i, k in enumerate(domains):
+    print(f"{'fine-tuned on ' + k:24s}" + "".join(f"{ft_all[c][i]:8.3f}" for c in ["clean", *domains])
+          + f"   {d_tau[k].norm() / theta_norm:.3f}")
+digit_cos = merge.cosine_matrix([d_tau[k] for k in domains])
+digit_conflicts = np.mean(list(merge.sign_conflict_rate([d_tau[k] for k in domains]).values()))
+off_diagonal = digit_cos[~torch.eye(len(domains), dtype=torch.bool)]
+print(f"cosine between task vectors: {off_diagonal.min():.2f} to {off_diagonal.max():.2f}; "
+      f"sign conflicts among the seven: {digit_conflicts:.3f} of entries")
+record("digits task vectors: base and fine-tunes (test accuracy)",
+       {"base": {c: base_test[c][0] for c in ["clean", *domains]},
+        **{f"task-{k}": {c: ft_all[c][i] for c in ["clean", *domains]} for i, k in enumerate(domains)}})
+record("digits task vectors: relative norm and cosines",
+       {"relative_norm": {k: d_tau[k].norm() / theta_norm for k in domains}, "cosine": digit_cos})
+
+# %% [markdown]
+# **Adding** the task vectors of the domains where fine-tuning helped, with $\lambda$ chosen on
+# validation: does one model get all those skills? **Negating** one: $\theta_{base} - \lambda\tau_k$
+# with $\lambda$ chosen on validation as Ilharco et al. do (the largest drop on domain $k$ that keeps
+# the clean and the other domains' validation accuracy within 0.05 of the base's), next to a random
+# direction of the same size as the control. The claims test `rotate`, fixed in advance.
+
+# %%
+digit_added = digits_study.tuned_merges(d_base, base_state, ft_states, skills_added, task_sets, ft_test,
+                                  study_device)["task arithmetic"]
+base_correct = digits_study.correctness(d_base, [base_state], task_sets["test"], study_device)
+add_gain = {k: digits_study.bootstrap_ci((digit_added["correct"][k].float() - base_correct[k][0].float()).numpy())
+            for k in skills_added}
+neg_lambdas = [0.25, 0.5, 0.75, 1.0, 1.5, 2.0]
 
 
-digit_rows = {"base": domain_accuracy(d_base.state_dict())}
-digit_rows.update({f"fine-tuned on {k}": domain_accuracy(m.state_dict()) for k, m in d_ft.items()})
-print("what each fine-tune adds over the base (test accuracy, + means better):")
+def random_like(tau, seed=0):
+    """A random direction with the norm of tau in every tensor: the control for negation."""
+    g = torch.Generator().manual_seed(seed)
+    noise = {n: torch.randn(v.shape, generator=g) for n, v in tau.deltas.items()}
+    return merge.TaskVector({n: r * tau.deltas[n].norm() / r.norm() for n, r in noise.items()})
+
+
+def others_mean(acc, k, i=0):
+    return float(np.mean([acc[c][i] for c in ["clean", *domains] if c != k]))
+
+
+digit_negation = {}
 for k in domains:
-    print(f"  {k:8s}: {'+' if digit_rows[f'fine-tuned on {k}'][k] > digit_rows['base'][k] else '-'}")
+    val = digit_scores([d_tau[k].apply_to(base_state, scale=-lam) for lam in neg_lambdas], "val")
+    allowed = {lam: -float(val[k][i]) for i, lam in enumerate(neg_lambdas)
+               if others_mean(val, k, i) >= others_mean(base_val, k) - 0.05}
+    lam = digits_study.best_on_validation(allowed) if allowed else 0.0
+    test = digit_scores([d_tau[k].apply_to(base_state, scale=-lam)])
+    rand = digit_scores([random_like(d_tau[k]).apply_to(base_state, scale=-lam)])
+    digit_negation[k] = {"lambda": lam, "domain": float(test[k][0]), "others": others_mean(test, k),
+                   "random: domain": float(rand[k][0]), "random: others": others_mean(rand, k)}
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-skills_added = [k for k in domains if digit_rows[f"fine-tuned on {k}"][k] > digit_rows["base"][k] + 0.05]
-lambdas_d = [0.2, 0.4, 0.6, 0.8, 1.0]
-tau_skills = sum((d_tau[k] for k in skills_added), start=0 * d_tau[domains[0]])
-ta_states = {lam: tau_skills.apply_to(d_base, scale=lam) for lam in lambdas_d}
-lam_ta = best_on_validation(ta_states, skills_added)
-digit_rows[f"base + {lam_ta} x sum of tau ({', '.join(skills_added)})"] = domain_accuracy(ta_states[lam_ta])
-neg_lam = 0.5
-digit_rows[f"base - {neg_lam} x tau_rotate"] = domain_accuracy(d_tau["rotate"].apply_to(d_base, scale=-neg_lam))
-print(f"fine-tunes that add a skill (> 0.05 over the base on their domain): {skills_added}")
-print(f"{'model':48s} " + " ".join(f"{c:>8s}" for c in ["clean", *domains]))
-for name, r in digit_rows.items():
-    print(f"{name:48s} " + " ".join(f"{r[c]:8.3f}" for c in ["clean", *domains]))
-record("digits task vectors (test accuracy)", digit_rows)
+print(f"base + {digit_added['hyper'][0]} x sum of tau ({', '.join(skills_added)}), lambda chosen on validation:")
+for k in skills_added:
+    g = add_gain[k]
+    print(f"  {k:8s} base {base_test[k][0]:.3f} -> {digit_added['test'][k]:.3f} (fine-tune {ft_test[k].float().mean():.3f}); "
+          f"gain {g[0]:+.3f} [{g[1]:+.3f}, {g[2]:+.3f}]")
+print(f"  clean    base {base_test['clean'][0]:.3f} -> {digit_added['test']['clean']:.3f}")
+print(f"\n{'negate':8s}{'lambda':>7s}{'domain: base -> negated':>26s}{'others: base -> negated':>26s}"
+      f"{'random dir.: domain, others':>30s}")
+for k, r in digit_negation.items():
+    print(f"{k:8s}{r['lambda']:7.2f}{base_test[k][0]:16.3f} -> {r['domain']:.3f}{others_mean(base_test, k):16.3f} -> "
+          f"{r['others']:.3f}{r['random: domain']:18.3f}, {r['random: others']:.3f}")
+record("digits task addition (test)", {"skills": skills_added, "lambda": digit_added["hyper"], "test": digit_added["test"],
+                                       "gain CI": add_gain})
+record("digits negation (test)", digit_negation)
 
-merged = digit_rows[f"base + {lam_ta} x sum of tau ({', '.join(skills_added)})"]
-claim(8, "task vectors on digits: adding them gives a model better than the base on every added skill",
-      len(skills_added) >= 2 and all(merged[k] > digit_rows["base"][k] for k in skills_added),
-      detail=f"skills {skills_added}, lambda {lam_ta}: " +
-      ", ".join(f"{k} {digit_rows['base'][k]:.3f} -> {merged[k]:.3f}" for k in skills_added))
-negated = digit_rows[f"base - {neg_lam} x tau_rotate"]
-kept = [k for k in ["clean", "thicken", "noise"] if negated[k] >= digit_rows["base"][k] - 0.05]
+# %%
+digit_neg = digit_negation["rotate"]
+claim(8, "task vectors on digits: adding them gives a model better than the base on every added skill (95% CI)",
+      len(skills_added) >= 2 and all(g[1] > 0 for g in add_gain.values()),
+      detail=f"skills {skills_added}, lambda {digit_added['hyper']}: " + str({k: tuple(round(x, 4) for x in g)
+                                                                         for k, g in add_gain.items()}))
 claim(8, "task vectors on digits: negating tau_rotate removes that skill and keeps the others",
-      negated["rotate"] < digit_rows["base"]["rotate"] - 0.1 and len(kept) == 3,
-      detail=f"rotate {digit_rows['base']['rotate']:.3f} -> {negated['rotate']:.3f}; "
-      f"kept within 0.05: {kept}")
+      digit_neg["domain"] < base_test["rotate"][0] - 0.1 and digit_neg["others"] >= others_mean(base_test, "rotate") - 0.05,
+      detail=str(digit_neg))
+print("negating tau_rotate hurts rotated digits more than a random direction of the same size:",
+      digit_neg["domain"] < digit_neg["random: domain"])
 
 # %% [markdown]
-# With three domains the fine-tunes also *interfere*: thick strokes and rotation pull shared weights
-# in different directions, and the noise fine-tune adds little. That is the setting TIES was designed
-# for. Each method gets its $\lambda$ (or its weight, for the plain average) chosen on validation.
+# **Adding** works only in part. With all six skills merged at one $\lambda$ (validation picks about
+# 0.3), rotated, translated, blurred and zoomed digits gain clearly over the base, but thick strokes
+# and cut-out squares gain within noise: six task vectors that point in different directions share
+# one scale, and a scale small enough to keep the other domains is too small for those two. That is
+# why the addition claim is recorded as failed; the next subsection measures how merging degrades as
+# domains are added. **Negation** behaves as Ilharco et al. describe: removing $\tau_{rotate}$ costs
+# rotated digits about 15 points while the clean and other domains move by about 2-3, and a random
+# direction of the same size barely changes rotated digits at all.
+
+# %% [markdown]
+# ### TIES vs task arithmetic vs averaging as the number of domains grows
+#
+# Merge $k$ of the seven domain fine-tunes, for $k = 2, \dots, 7$ (for each $k$, the seven windows of
+# $k$ consecutive domains in the list above, so every domain is merged equally often; one merge of all
+# seven). Three methods, each tuned on validation for every merge:
+#
+# * **averaging**: $\theta_{base} + \frac1k\sum_i\tau_i$, no hyperparameter;
+# * **task arithmetic**: $\theta_{base} + \lambda\sum_i\tau_i$, $\lambda$ from 0.1 to 1.5;
+# * **TIES**: trim each $\tau_i$ to a density of 0.1 to 0.7, elect signs, disjoint mean, scale by $\lambda$
+#   from 0.5 to 3.
+#
+# The score is the **normalised accuracy** the TIES paper reports: the merged model's test accuracy
+# on domain $i$ divided by fine-tune $i$'s, averaged over the merged domains (1 = as good as every
+# specialist).
+
+# %%
+digit_subsets = {size: digits_study.cyclic_subsets(domains, size) for size in range(2, len(domains) + 1)}
+digit_tuned = {size: [digits_study.tuned_merges(d_base, base_state, ft_states, s, task_sets, ft_test, study_device)
+                      for s in subs] for size, subs in digit_subsets.items()}
+digit_methods = ["averaging", "task arithmetic", "TIES"]
+digit_normalised = {m: {size: [float(np.mean(list(r[m]["normalised"].values()))) for r in rs] for size, rs in digit_tuned.items()}
+              for m in digit_methods}
+
+
+def normalised_difference(a, b, sizes):
+    """Bootstrap CI of (method a - method b) in normalised accuracy over all merges of the given sizes."""
+    rows, n_pairs = [], 0
+    for size in sizes:
+        for r in digit_tuned[size]:
+            for k in r[a]["normalised"]:
+                rows += [r[a]["correct"][k], r[b]["correct"][k], ft_test[k]]
+                n_pairs += 1
+    rows = torch.stack(rows).float().numpy()
+    return digits_study.bootstrap_ci(rows, lambda m: ((m[..., 0::3] - m[..., 1::3]) / m[..., 2::3]).mean(-1))
+
+
+by_size = {size: {"TIES - averaging": normalised_difference("TIES", "averaging", [size]),
+                  "TIES - task arithmetic": normalised_difference("TIES", "task arithmetic", [size])}
+           for size in digit_subsets}
+digit_many = [size for size in digit_subsets if size >= 6]
+ties_vs_avg = normalised_difference("TIES", "averaging", digit_many)
+ties_vs_ta = normalised_difference("TIES", "task arithmetic", digit_many)
+ta_vs_avg = normalised_difference("task arithmetic", "averaging", digit_many)
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-three = list(d_ft.values())
-candidates = {
-    "linear (average of fine-tunes)": {1.0: merge.merge("linear", three, weight=1.0)},
-    "task arithmetic": {lam: sum(d_tau.values(), start=0 * d_tau["rotate"]).apply_to(d_base, scale=lam)
-                        for lam in lambdas_d},
-    "TIES (density 0.2)": {lam: merge.merge("ties", three, base=d_base, weight=1.0, density=0.2, **{"lambda": lam})
-                           for lam in [0.5, 1.0, 1.5, 2.0]},
-}
-multi = {}
-for name, states in candidates.items():
-    lam = best_on_validation(states, domains)
-    acc = domain_accuracy(states[lam])
-    multi[name] = {"lambda": lam, **acc, "mean over domains": float(np.mean([acc[k] for k in domains]))}
-    print(f"{name:32s} lambda {lam:<4} clean {acc['clean']:.3f}  mean over the three domains "
-          f"{multi[name]['mean over domains']:.3f}")
-record("digits multi-domain merge (test)", multi)
-ties_mean = multi["TIES (density 0.2)"]["mean over domains"]
-claim(9, "TIES beats task arithmetic and linear averaging on a multi-task merge with interference (digits)",
-      ties_mean > max(multi["task arithmetic"]["mean over domains"],
-                      multi["linear (average of fine-tunes)"]["mean over domains"]),
-      detail=", ".join(f"{k}: {v['mean over domains']:.3f}" for k, v in multi.items()))
-
-# %% [markdown]
-# **Move $\lambda$ yourself.** The slider scales the sum of all three digit task vectors,
-# $\theta_{base} + \lambda(\tau_{rotate} + \tau_{thicken} + \tau_{noise})$, from forgetting
-# ($\lambda < 0$) through the base ($\lambda = 0$) to extrapolation ($\lambda > 1$), and shows the
-# merged model's test accuracy per domain. Each domain has its own best $\lambda$, and no single
-# $\lambda$ is best for all of them: that is the interference TIES tries to remove. The grid is
-# computed once below; the slider only redraws.
+fig, ax = plt.subplots(figsize=(6, 3.4))
+digit_sizes = list(digit_subsets)
+for m, style in zip(digit_methods, ("o-", "s--", "^:")):
+    mean = [np.mean(digit_normalised[m][size]) for size in digit_sizes]
+    ax.plot(digit_sizes, mean, style, label=m)
+ax.set_xlabel("number of merged domains k"), ax.set_ylabel("normalised accuracy (merged / fine-tune)")
+ax.set_title("Merging k digit domains, each method tuned on validation")
+ax.legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+print(f"{'k':>3s}" + "".join(f"{m:>18s}" for m in digit_methods) + "   chosen TIES (density, lambda), task arithmetic lambda")
+for size in digit_sizes:
+    print(f"{size:3d}" + "".join(f"{np.mean(digit_normalised[m][size]):18.4f}" for m in digit_methods)
+          + f"   {[r['TIES']['hyper'] for r in digit_tuned[size]][:3]}, "
+          f"{[r['task arithmetic']['hyper'][0] for r in digit_tuned[size]][:3]}")
+print(f"{'k':>3s}{'TIES - averaging':>32s}{'TIES - task arithmetic':>34s}   (95% CI)")
+for size, d in by_size.items():
+    print(f"{size:3d}" + "".join(f"{v[0]:+14.4f} [{v[1]:+.4f}, {v[2]:+.4f}]" for v in d.values()))
+print("per domain at k = 7 (normalised):", {m: {k: round(v, 3) for k, v in digit_tuned[7][0][m]["normalised"].items()}
+                                            for m in digit_methods})
+for name, d in (("TIES - averaging", ties_vs_avg), ("TIES - task arithmetic", ties_vs_ta),
+                ("task arithmetic - averaging", ta_vs_avg)):
+    print(f"k >= 6, {name:28s} {d[0]:+.4f}  95% CI [{d[1]:+.4f}, {d[2]:+.4f}]")
+record("digits: normalised accuracy by number of domains (mean over merges)",
+       {m: {size: float(np.mean(v)) for size, v in digit_normalised[m].items()} for m in digit_methods})
+record("digits: normalised accuracy per domain, mean over the merges that include it",
+       {m: {size: {k: float(np.mean([r[m]["normalised"][k] for r in rs if k in r[m]["normalised"]])) for k in domains}
+            for size, rs in digit_tuned.items()} for m in digit_methods})
+record("digits: chosen hyperparameters", {size: [{m: r[m]["hyper"] for m in digit_methods} for r in rs]
+                                          for size, rs in digit_tuned.items()})
+record("digits: differences in normalised accuracy by k (estimate, CI)", by_size)
+record("digits: k >= 6 differences in normalised accuracy (estimate, CI)",
+       {"TIES - averaging": ties_vs_avg, "TIES - task arithmetic": ties_vs_ta, "task arithmetic - averaging": ta_vs_avg})
 
 # %%
-lambda_grid = [round(x, 2) for x in np.arange(-1.0, 2.01, 0.1)]
-tau_all = sum(d_tau.values(), start=0 * d_tau["rotate"])
-lambda_acc = {lam: domain_accuracy(tau_all.apply_to(d_base, scale=lam)) for lam in lambda_grid}
-shown_sets = ["clean", *domains]
-styles = {"clean": "o-", "rotate": "s--", "thicken": "^-.", "noise": "d:"}
+print("merging 6-7 digit domains, TIES vs averaging:", verdict(ties_vs_avg))
+print("merging 6-7 digit domains, TIES vs task arithmetic with a validation-tuned lambda:", verdict(ties_vs_ta))
+claim(9, "TIES (tuned on validation) beats plain averaging when 6-7 digit domains are merged (95% CI above 0)",
+      ties_vs_avg[1] > 0, detail=f"TIES - averaging {ties_vs_avg}; TIES - task arithmetic {ties_vs_ta}")
+
+# %% [markdown]
+# Read the intervals, not only the curve. These task vectors are *large*, a fifth to a third of the
+# base's norm (the soup's base was trained for only 300 steps), their signs disagree on most entries
+# and their cosines are 0.1-0.4: there is interference to resolve. Merging two domains keeps about
+# 92% of the specialists' accuracy with any method, merging all seven about 85-87%. Plain averaging
+# falls behind as $k$ grows because it is task arithmetic with $\lambda = 1/k$, a scale that shrinks
+# with every added domain, while validation picks $\lambda \approx 0.3$ for the sum. At $k = 6$-$7$
+# TIES is ahead of averaging by about one point of normalised accuracy, but the 95% interval reaches
+# just below 0, so on 360 test digits per domain the claim is not established; TIES is **within noise
+# of task arithmetic with a tuned $\lambda$**, and validation chose the least trimming on offer
+# (density 0.7). Most of what TIES gains over averaging here comes from the size of the update,
+# which tuned task arithmetic gets too. The TIES paper's margins over tuned task arithmetic are also
+# small next to its margins over averaging, on models with millions of parameters and more tasks.
+#
+# **Move $\lambda$ yourself.** The slider scales the sum of all seven digit task vectors,
+# $\theta_{base} + \lambda\sum_k\tau_k$, from forgetting ($\lambda < 0$) through the base ($\lambda = 0$)
+# to extrapolation ($\lambda > 1$), and shows the merged model's test accuracy per domain. Each domain
+# has its own best $\lambda$, and no single $\lambda$ is best for all of them: that is interference.
+# The grid is computed once below; the slider only redraws.
+
+# %%
+digit_lambda_grid = [round(x, 2) for x in np.arange(-1.0, 2.01, 0.1)]
+tau_all = sum(d_tau.values())
+digit_lambda_scores = digit_scores([tau_all.apply_to(base_state, scale=lam) for lam in digit_lambda_grid])
+digit_shown_sets = ["clean", *domains]
+digit_lambda_acc = {lam: {k: float(digit_lambda_scores[k][i]) for k in digit_shown_sets} for i, lam in enumerate(digit_lambda_grid)}
+digit_styles = dict(zip(digit_shown_sets, ("o-", "s--", "^-.", "d:", "v-", "<--", ">-.", "x:")))
 
 
-def draw_lambda(lam=1.0):
+def draw_digit_lambda(lam=1.0):
     fig, (ax_line, ax_bar) = plt.subplots(1, 2, figsize=(10, 3.2), gridspec_kw={"width_ratios": [2, 1]})
-    for k in shown_sets:
-        ax_line.plot(lambda_grid, [lambda_acc[x][k] for x in lambda_grid], styles[k], ms=3, label=k)
+    for k in digit_shown_sets:
+        ax_line.plot(digit_lambda_grid, [digit_lambda_acc[x][k] for x in digit_lambda_grid], digit_styles[k], ms=3, label=k)
     ax_line.axvline(lam, color="k", lw=1)
     ax_line.set_xlabel(r"$\lambda$"), ax_line.set_ylabel("test accuracy")
     ax_line.set_ylim(0, 1.02)
-    ax_line.legend(fontsize=8, loc="lower center")
-    ax_line.set_title(r"$\theta_{base} + \lambda \sum_k \tau_k$ (three digit domains)", fontsize=10)
-    at = lambda_acc[min(lambda_grid, key=lambda x: abs(x - lam))]
-    ax_bar.bar(shown_sets, [at[k] for k in shown_sets], color=["C0", "C1", "C2", "C3"])
+    ax_line.legend(fontsize=7, loc="lower center", ncol=4)
+    ax_line.set_title(r"$\theta_{base} + \lambda \sum_k \tau_k$ (seven digit domains)", fontsize=10)
+    at = digit_lambda_acc[min(digit_lambda_grid, key=lambda x: abs(x - lam))]
+    ax_bar.bar(digit_shown_sets, [at[k] for k in digit_shown_sets], color=[f"C{i}" for i in range(len(digit_shown_sets))])
     ax_bar.set_ylim(0, 1.02)
+    ax_bar.tick_params(axis="x", labelrotation=60, labelsize=8)
     ax_bar.set_title(f"at lambda = {lam:.1f}", fontsize=10)
     plt.tight_layout()
     plt.show()
@@ -703,11 +921,11 @@ def draw_lambda(lam=1.0):
 # NBVAL_IGNORE_OUTPUT
 try:
     import ipywidgets as widgets
-    widgets.interact(draw_lambda, lam=widgets.FloatSlider(value=1.0, min=-1.0, max=2.0, step=0.1,
+    widgets.interact(draw_digit_lambda, lam=widgets.FloatSlider(value=1.0, min=-1.0, max=2.0, step=0.1,
                                                            description="lambda"))
 except ImportError:  # no widgets here: the static curves at lambda = 1
     print("ipywidgets is not installed: the curves at lambda = 1 instead of a slider")
-    draw_lambda(1.0)
+    draw_digit_lambda(1.0)
 
 
 # %% [markdown]
