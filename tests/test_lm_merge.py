@@ -251,3 +251,25 @@ def test_replay_mixture_proportions():
     counts = Counter(p.split(":")[0] for p in rows["prompt"])
     assert counts["m"] / len(rows["prompt"]) == pytest.approx(recipe["mixture"]["max"], abs=1e-3)
     assert counts["c"] / len(rows["prompt"]) == pytest.approx(recipe["mixture"]["copy"], abs=1e-3)
+
+
+def test_run_sweep_small_grid_pairs_and_figure_row():
+    fts = {"max": "lm/merge-tiny-ft-max", "inc": "lm/merge-tiny-ft-inc"}
+    r = merge_sweep.run_sweep("lm/merge-base-tiny", fts, controls=("copy",), n=20, lambdas=(0.5, 1.0),
+                              densities=(0.5,), task_counts=(2,), drop_rates=(0.0, 0.9), negation_lambdas=(1.0,),
+                              log=lambda *_: None)
+    pair = r["pair_addition"]["max+inc"]
+    assert set(r["pair_addition"]) == {"max+inc"} and pair["chosen"]["lambda"] in (0.5, 1.0)
+    # the pair's test score, recomputed here from the zoo without the sweep's scorer
+    base = zoo.load("lm/merge-base-tiny", device="cpu")
+    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
+    tau = sum(merge.TaskVector.between(base_sd, zoo.load(n, device="cpu").state_dict()) for n in fts.values())
+    base.load_state_dict(tau.apply_to(base_sd, scale=pair["chosen"]["lambda"]))
+    for t in ("max", "inc", "copy"):
+        test = merge_sweep.val_test_split(t, 20)["test"]
+        assert pair["test"][t] == pytest.approx(merge_sweep.teacher_forced_exact_match(base, test), abs=1e-4)
+    row = merge_sweep.figure_row(r)
+    assert row["tau_relative_norm_mean"] == pytest.approx(sum(r["tau_relative_norm"].values()) / 2, abs=1e-4)
+    assert row["task_arithmetic_normalized"] == r["methods"]["2 tasks"]["task_arithmetic"]["test_normalized_mean"]
+    assert row["pair_gain_captured"] == pytest.approx(pair["test_gain_captured_mean"], abs=1e-4)
+    assert any("pairs" in line for line in merge_sweep.summary(r))
