@@ -392,15 +392,16 @@ claim(7, "averaging hurts where ensembling does not (independent initialisations
 # The papers start from large models pre-trained on broad data and fine-tune them gently. The zoo
 # rebuilds those conditions in miniature:
 #
-# * `lm/merge-base-tiny` (85k parameters) and `lm/merge-base` (0.5M) were pre-trained on copy, reverse,
-#   count and chat **and on six merging tasks at low rates** (add, sort, reverse-sort, max, dedupe,
-#   increment): every task format has been seen and each skill is weak but not absent;
-# * `lm/merge-tiny-ft-TASK` (and `lm/merge-ft-TASK` on the wider base) fine-tune one skill each for 200
-#   steps at a small learning rate, on their task mixed 50/50 with the base's own pre-training data
-#   (**replay**), so that $\tau$ says "learn this task" and not also "forget the rest";
+# * `lm/merge-base-tiny` (85k parameters), `lm/merge-base` (0.5M) and `lm/merge-base-medium` (1.5M) were
+#   pre-trained the same way on copy, reverse, count and chat **and on six merging tasks at low rates**
+#   (add, sort, reverse-sort, max, dedupe, increment): every task format has been seen and each skill
+#   is weak but not absent;
+# * `lm/merge-tiny-ft-TASK` (`lm/merge-ft-TASK`, `lm/merge-medium-ft-TASK` on the wider bases) fine-tune
+#   one skill each for 200 steps at a small learning rate, on their task mixed 50/50 with the base's own
+#   pre-training data (**replay**), so that $\tau$ says "learn this task" and not also "forget the rest";
 # * `lm/merge-tiny-far-TASK` / `lm/merge-far-TASK`: the same tasks, no replay, a 4x larger learning
-#   rate: **large** task vectors; `lm/merge-tiny-lora-TASK`: rank-4 LoRA adapters merged into the
-#   weights, so every $\tau$ is **low rank**.
+#   rate for half the steps: **large** task vectors; `lm/merge-tiny-lora-TASK`: rank-4 LoRA adapters
+#   merged into the weights, so every $\tau$ is **low rank**.
 #
 # Every merge's $\lambda$ (and TIES's density) is chosen on a **validation** split and reported on a
 # disjoint **test** split, as the papers do. `python -m labkit.merge.sweep` runs the full measured
@@ -450,7 +451,8 @@ CONDITIONS = {"tiny, replay": ("lm/merge-base-tiny", "lm/merge-tiny-ft-"),
               "tiny, LoRA": ("lm/merge-base-tiny", "lm/merge-tiny-lora-"),
               "tiny, far": ("lm/merge-base-tiny", "lm/merge-tiny-far-"),
               "small, replay": ("lm/merge-base", "lm/merge-ft-"),
-              "small, far": ("lm/merge-base", "lm/merge-far-")}
+              "small, far": ("lm/merge-base", "lm/merge-far-"),
+              "medium, replay": ("lm/merge-base-medium", "lm/merge-medium-ft-")}
 bases = {name: zoo.load(name, device=device) for name in {b for b, _ in CONDITIONS.values()}}
 base_states = {name: state(m) for name, m in bases.items()}
 fine_tuned = {c: {t: state(zoo.load(prefix + t, device=device)) for t in MERGE_TASKS}
@@ -1056,18 +1058,19 @@ for cond, (base_name, _) in CONDITIONS.items():
 
 # %%
 # NBVAL_IGNORE_OUTPUT
+WIDTH_MARKERS = {"tiny": "o", "small": "s", "medium": "^"}  # 85k, 0.5M and 1.5M parameters
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
 for ax, metric, label in ((axes[0], "normalised", "normalised accuracy (merged / fine-tuned)"),
                           (axes[1], "gain", "share of the fine-tunes' gain kept")):
     for (cond, method), q in quality.items():
         width = cond.split(",")[0]
-        ax.scatter(q["distance"], q[metric], marker="o" if width == "tiny" else "s", s=60,
+        ax.scatter(q["distance"], q[metric], marker=WIDTH_MARKERS[width], s=60,
                    color="C0" if method == "task arithmetic" else "C3", alpha=0.8)
         ax.annotate(cond.split(", ")[1], (q["distance"], q[metric]), fontsize=7, xytext=(4, 2),
                     textcoords="offset points")
     ax.set_xlabel(r"mean $\|\tau\| / \|\theta_{base}\|$ of the six fine-tunes"), ax.set_ylabel(label)
     ax.axhline(0, color="grey", lw=0.6)
-handles = [plt.Line2D([], [], marker=m, ls="", color="grey", label=f"{w} base") for m, w in (("o", "tiny"), ("s", "small"))]
+handles = [plt.Line2D([], [], marker=m, ls="", color="grey", label=f"{w} base") for w, m in WIDTH_MARKERS.items()]
 handles += [plt.Line2D([], [], marker="o", ls="", color=c, label=m) for c, m in (("C0", "task arithmetic"), ("C3", "TIES"))]
 axes[0].legend(handles=handles, fontsize=8)
 fig.suptitle("six-task merges, hyperparameters tuned on validation (test split)", fontsize=10)
