@@ -1,6 +1,9 @@
 """One training loop for the whole kit: AdamW, linear warm-up then cosine decay, gradient clipping,
 bf16 autocast on CUDA, optional ``tqdm.auto`` progress, and periodic evaluation (exact match for
 sequence tasks, accuracy for digit classifiers). Silent unless ``progress=True``.
+
+LoRA (``add_lora`` / ``merge_lora``): train low-rank adapters with the same loop, then fold them into
+the weights, so the fine-tune is a plain model whose task vector has rank <= r in every adapted matrix.
 """
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .data import encode_for_training
 from .device import autocast, get_device
@@ -112,6 +116,61 @@ def train_lm(model, data, steps: int, batch_size: int = 128, lr: float = 3e-3, w
         bar.close()
     model.eval()
     return history
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) B A x with W frozen, A [r, in] small random, B [out, r] zero at the start
+    (so training starts from the unchanged model). Hu et al. (2021), "LoRA: Low-Rank Adaptation of Large
+    Language Models"."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.lora_A = nn.Parameter(torch.randn(rank, base.in_features, device=base.weight.device) / base.in_features ** 0.5)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+
+    def forward(self, x):
+        return self.base(x) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """(alpha / r) B A: what merging adds to W."""
+        return self.scale * self.lora_B @ self.lora_A
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora(model: nn.Module, rank: int = 4, alpha: float | None = None, targets=LORA_TARGETS) -> nn.Module:
+    """Freeze every parameter and wrap each ``nn.Linear`` whose name ends with one of ``targets`` in a
+    ``LoRALinear`` (alpha defaults to 2 r, i.e. scale 2); ``train_lm`` then trains only the adapters."""
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be positive, got {rank}")
+    alpha = 2.0 * rank if alpha is None else alpha
+    for p in model.parameters():
+        p.requires_grad_(False)
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
+    if not found:
+        raise ValueError(f"no nn.Linear named one of {list(targets)} in {type(model).__name__}")
+    for name, module in found:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, LoRALinear(module, rank, alpha))
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its weight (W <- W + (alpha / r) B A), put the plain ``nn.Linear`` back
+    and make every parameter trainable again: the model has its original structure and state-dict keys."""
+    adapted = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if not adapted:
+        raise ValueError(f"{type(model).__name__} has no LoRA adapters to merge (call add_lora first)")
+    for name, module in adapted:
+        module.base.weight += module.delta_weight().to(module.base.weight.dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
 
 
 def train_classifier(model, X, y, steps: int = 1000, batch_size: int = 64, lr: float = 3e-3,

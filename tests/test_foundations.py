@@ -266,7 +266,8 @@ def test_shipped_zoo_matches_manifest_and_metrics():
         zoo.verify(name)
         total += sum((zoo.path(name) / f).stat().st_size for f in entry["files"])
         assert all(f.endswith((".json", ".safetensors")) for f in entry["files"]), name
-    assert total < 30e6, f"the zoo is {total / 1e6:.1f} MB, over the 30 MB budget"
+    # issue 13: data/ (the zoo and its manifest) may hold 60 MB; the zoo stays under 59 MB
+    assert total < 59e6, f"the zoo is {total / 1e6:.1f} MB, over the 59 MB budget"
     for name, entry in entries.items():
         if entry["kind"] == "digits":
             shift = entry["recipe"].get("train_shift")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import time
@@ -175,6 +176,15 @@ def run_sweep(base_name: str, ft_names: dict[str, str], controls=("copy", "rev",
     out["addition"] = addition
     log(f"  addition: lambda {addition['chosen']}, normalised {addition['test_normalized_mean']:.3f}")
 
+    # claim 8 on two skills at a time: every pair of task vectors added, lambda on validation
+    pairs = {}
+    for a, b in itertools.combinations(tasks, 2):
+        row = tuned({lam: (taus[a] + taus[b]).apply_to(base, scale=lam) for lam in lambdas}, [a, b])
+        row["chosen"] = {"lambda": row["chosen"]}
+        pairs[f"{a}+{b}"] = row
+    out["pair_addition"] = pairs
+    log(f"  pairs: mean gain kept {mean([r['test_gain_captured_mean'] for r in pairs.values()]):.3f}")
+
     # claim 8: negation of each task vector vs a random direction of the same norm (test split)
     negation = {}
     for i, t in enumerate(tasks):
@@ -229,6 +239,21 @@ def run_sweep(base_name: str, ft_names: dict[str, str], controls=("copy", "rev",
     return _round(out)
 
 
+def figure_row(result: dict) -> dict:
+    """One point of the "merge quality vs fine-tune distance and width" figure: the mean relative size
+    of the task vectors, and the test scores of task arithmetic (lambda on validation) over all tasks and
+    over pairs, and of the best of averaging / task arithmetic / TIES at the largest task count."""
+    rel = list(result["tau_relative_norm"].values())
+    pairs = [r["test_gain_captured_mean"] for r in result.get("pair_addition", {}).values()]
+    pairs = [g for g in pairs if not math.isnan(g)]
+    last = list(result["methods"].values())[-1]
+    return {"base": result["base"], "tau_relative_norm_mean": sum(rel) / len(rel),
+            "addition_normalized": result["addition"]["test_normalized_mean"],
+            "addition_gain_captured": result["addition"]["test_gain_captured_mean"],
+            "pair_gain_captured": sum(pairs) / len(pairs) if pairs else math.nan,
+            **{f"{m}_normalized": last[m]["test_normalized_mean"] for m in ("averaging", "task_arithmetic", "ties")}}
+
+
 def summary(result: dict) -> list[str]:
     """Readable lines of one sweep's results (what the report quotes)."""
     tasks, lines = result["tasks"], []
@@ -251,6 +276,10 @@ def summary(result: dict) -> list[str]:
         lines.append(f"  negate {t:7s} (base {result['base_skill']['test'][t]:.2f}): " + "; ".join(
             f"{k}: target {v['target']:.2f} others {v['other_tasks_mean']:.2f} controls {v['controls_mean']:.2f}"
             for k, v in rows.items()))
+    if "pair_addition" in result:
+        lines.append("  pairs (lambda on val; gain kept per task): " + ", ".join(
+            f"{k} {r['chosen']['lambda']}: " + "/".join(f"{g:.2f}" for g in r["test_gain_captured"].values())
+            for k, r in result["pair_addition"].items()))
     for k, row in result["methods"].items():
         lines.append(f"  {k}: " + ", ".join(
             f"{m} {row[m]['test_normalized_mean']:.3f} (gain {row[m]['test_gain_captured_mean']:.3f}, "

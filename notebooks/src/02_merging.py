@@ -33,6 +33,7 @@
 # `ties_trim`, `ties_elect`, `ties_disjoint_mean` (1 each).
 
 # %%
+import copy
 import itertools
 import subprocess
 import sys
@@ -48,8 +49,7 @@ import yaml
 
 from labkit import merge, zoo
 from labkit.course.report import claim, record
-from labkit.data import encode_for_training, exact_match, generate_answers, load_digits
-from labkit.data import make_task_dataset, unwanted_rate
+from labkit.data import encode_for_training, exact_match, load_digits, make_task_dataset
 from labkit.device import by_mode, get_device, seed_everything
 from labkit.grading import check
 from labkit.train import predict_logits
@@ -476,9 +476,23 @@ claim(7, "averaging hurts where ensembling does not (independent initialisations
 # get several skills at once, **negate** one to remove a behaviour, **scale** them with
 # $\lambda$: $\theta = \theta_{base} + \sum_i \lambda_i \tau_i$.
 #
-# The zoo's `lm/base` (a tiny Llama trained on copy, reverse, count and chat) has two fine-tunes
-# that each learned one new skill: `lm/ft-add` (addition) and `lm/ft-sort` (sorting digits), and
-# `lm/chat-darn`, fine-tuned on chat sentences that all contain the unwanted word "darn".
+# The papers start from large models pre-trained on broad data and fine-tune them gently. The zoo
+# rebuilds those conditions in miniature:
+#
+# * `lm/merge-base-tiny` (85k parameters), `lm/merge-base` (0.5M) and `lm/merge-base-medium` (1.5M) were
+#   pre-trained the same way on copy, reverse, count and chat **and on six merging tasks at low rates**
+#   (add, sort, reverse-sort, max, dedupe, increment): every task format has been seen and each skill
+#   is weak but not absent;
+# * `lm/merge-tiny-ft-TASK` (`lm/merge-ft-TASK`, `lm/merge-medium-ft-TASK` on the wider bases) fine-tune
+#   one skill each for 200 steps at a small learning rate, on their task mixed 50/50 with the base's own
+#   pre-training data (**replay**), so that $\tau$ says "learn this task" and not also "forget the rest";
+# * `lm/merge-tiny-far-TASK` / `lm/merge-far-TASK`: the same tasks, no replay, a 4x larger learning
+#   rate for half the steps: **large** task vectors; `lm/merge-tiny-lora-TASK`: rank-4 LoRA adapters
+#   merged into the weights, so every $\tau$ is **low rank**.
+#
+# Every merge's $\lambda$ (and TIES's density) is chosen on a **validation** split and reported on a
+# disjoint **test** split, as the papers do. `python -m labkit.merge.sweep` runs the full measured
+# sweep behind this section; its results for every condition are in `bench/results/lm-merge-sweep-*.json`.
 #
 # ### Exercise 3: task arithmetic (2 points)
 #
@@ -512,13 +526,28 @@ check("merge.task_arithmetic", task_arithmetic)
 # decoding would produce the reference, which the next cell checks against `exact_match`.
 
 # %%
-lm_base = zoo.load("lm/base", device=device)
-lms = {name: zoo.load(name, device=device) for name in ("lm/ft-add", "lm/ft-sort", "lm/chat-darn")}
+from labkit.merge.sweep import gain_captured, random_direction_like, val_test_split
+
+MERGE_TASKS, CONTROLS = zoo.LM_MERGE_TASKS, zoo.LM_MERGE_CONTROLS
+ALL_TASKS = MERGE_TASKS + CONTROLS
+N = by_mode(smoke=60, full=300)
+splits = {t: val_test_split(t, N) for t in ALL_TASKS}  # disjoint validation and test prompts, never trained on
 state = lambda m: {k: v.detach() for k, v in m.state_dict().items()}  # noqa: E731
-base_sd = state(lm_base)
-N = by_mode(smoke=80, full=500)
-TASKS = ["add", "sort", "copy", "rev", "count"]
-lm_eval = {t: make_task_dataset([t], N, seed=1, split="test") for t in TASKS}
+# the fine-tunes of each condition, {name: (base, zoo prefix)}
+CONDITIONS = {"tiny, replay": ("lm/merge-base-tiny", "lm/merge-tiny-ft-"),
+              "tiny, LoRA": ("lm/merge-base-tiny", "lm/merge-tiny-lora-"),
+              "tiny, far": ("lm/merge-base-tiny", "lm/merge-tiny-far-"),
+              "small, replay": ("lm/merge-base", "lm/merge-ft-"),
+              "small, far": ("lm/merge-base", "lm/merge-far-"),
+              "medium, replay": ("lm/merge-base-medium", "lm/merge-medium-ft-")}
+bases = {name: zoo.load(name, device=device) for name in {b for b, _ in CONDITIONS.values()}}
+base_states = {name: state(m) for name, m in bases.items()}
+fine_tuned = {c: {t: state(zoo.load(prefix + t, device=device)) for t in MERGE_TASKS}
+              for c, (_, prefix) in CONDITIONS.items()}
+taus = {c: {t: merge.TaskVector.between(base_states[CONDITIONS[c][0]], sd) for t, sd in fts.items()}
+        for c, fts in fine_tuned.items()}
+probes = {name: copy.deepcopy(m) for name, m in bases.items()}  # one model per width to load merges into
+
 
 @torch.no_grad()
 def skill(model, data):
@@ -529,107 +558,191 @@ def skill(model, data):
     correct = ((pred == labels) | (labels == -100)).all(-1)
     return correct.sum().item() / correct.numel()
 
-def lm_with(sd):
-    return merge.load_merged(lm_base, sd)
 
-def skills(model_or_state):
-    model = lm_with(model_or_state) if isinstance(model_or_state, dict) else model_or_state
-    return {t: skill(model, d) for t, d in lm_eval.items()}
+def skills(sd, split="test", tasks=ALL_TASKS, base="lm/merge-base-tiny"):
+    """Exact match of a state dict of ``base``'s architecture on each task's validation or test split."""
+    probes[base].load_state_dict(sd)
+    return {t: skill(probes[base], splits[t][split]) for t in tasks}
 
-small = make_task_dataset(["add", "copy"], 40, seed=5, split="test")
+
+small = make_task_dataset(["add", "sort", "copy"], 40, seed=5, split="test")
+ft_sort = zoo.load("lm/merge-tiny-ft-sort", device=device)
 # equal on the CPU; on a GPU the two code paths may round differently, so allow one example
 print("teacher-forced skill equals greedy exact match:",
-      abs(skill(lms["lm/ft-add"], small) - exact_match(lms["lm/ft-add"], small)) <= 1 / len(small))
-
-# %%
-tau_add = merge.TaskVector.between(lm_base, lms["lm/ft-add"])
-tau_sort = merge.TaskVector.between(lm_base, lms["lm/ft-sort"])
-multi_sd = task_arithmetic(base_sd, [state(lms["lm/ft-add"]), state(lms["lm/ft-sort"])], [1.0, 1.0])
-same = all(torch.allclose(multi_sd[k], v, atol=1e-6) for k, v in (tau_add + tau_sort).apply_to(lm_base).items())
-print("task_arithmetic agrees with labkit's TaskVector:", same)
-forget_sort_sd = (tau_add + tau_sort - tau_sort).apply_to(lm_base)
-
-# %%
-# NBVAL_IGNORE_OUTPUT
-table = {"lm/base": skills(lm_base), "lm/ft-add": skills(lms["lm/ft-add"]), "lm/ft-sort": skills(lms["lm/ft-sort"]),
-         "base + tau_add + tau_sort": skills(multi_sd),
-         "(base + tau_add + tau_sort) - tau_sort": skills(forget_sort_sd)}
-print(f"{'':40s}" + "".join(f"{t:>8s}" for t in TASKS))
-for name, row in table.items():
-    print(f"{name:40s}" + "".join(f"{row[t]:8.3f}" for t in TASKS))
-record("task vectors: exact match by task", table)
-control = lambda row: np.mean([row[t] for t in ("copy", "rev", "count")])  # noqa: E731
-m, f_add, f_sort = table["base + tau_add + tau_sort"], table["lm/ft-add"], table["lm/ft-sort"]
-claim(8, "adding two task vectors gives both skills (each at least half the specialist's exact match)",
-      m["add"] >= 0.5 * f_add["add"] and m["sort"] >= 0.5 * f_sort["sort"],
-      detail=f"add {m['add']:.3f} vs {f_add['add']:.3f}, sort {m['sort']:.3f} vs {f_sort['sort']:.3f}")
+      abs(skill(ft_sort, small) - exact_match(ft_sort, small)) <= 1 / len(small))
 
 # %% [markdown]
-# Read the fine-tunes' rows first. `lm/ft-add` and `lm/ft-sort` were fine-tuned on their new task
-# only; where their copy/rev/count columns are near 0 they **forgot** the base's skills while
-# learning the new one (catastrophic forgetting). Their task vectors then say "forget the rest" as
-# much as "learn the new task", and nothing guarantees that two of them add up to a model with both
-# skills. The task-vector papers fine-tune large pre-trained models gently, so that fine-tuning
-# keeps the base's abilities and moves the weights only a little. Whatever the table shows here is
-# what the claim records.
-#
-# Subtracting $\tau_{sort}$ from the multi-task model is, algebraically, just $\theta_{base} +
-# \tau_{add}$. Negation becomes interesting for a behaviour the **base already has**. `lm/base` was
-# trained on chat sentences of which a quarter contain "darn"; `lm/chat-darn` was fine-tuned on
-# sentences that all do. Its task vector points toward "say darn"; **subtracting** it should make the
-# base say it less while keeping its other skills (the "forgetting by negation" of Ilharco et al.).
-# We sample chat sentences (prompt `t:`) and count how many contain the word.
-
-# %%
-tau_darn = merge.TaskVector.between(lm_base, lms["lm/chat-darn"])
-n_chat = by_mode(smoke=150, full=1000)
-
-def darn_rate(model):
-    texts = generate_answers(model, ["t:"] * n_chat, max_new_tokens=40, do_sample=True, seed=0)
-    return unwanted_rate(texts)
-
-negation = {}
-for lam in (0.0, 0.25, 0.5, 1.0):
-    model = lm_with(tau_darn.apply_to(lm_base, scale=-lam))
-    negation[lam] = {"darn rate": darn_rate(model), "control": control(skills(model))}
+# First the ingredients on the tiny base: what each replay fine-tune scores on every task (test split),
+# and how far it moved, $\|\tau\| / \|\theta_{base}\|$.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-for lam, row in negation.items():
-    print(f"base - {lam:.2f} tau_darn: 'darn' in {row['darn rate']:.3f} of sampled sentences, "
-          f"copy/rev/count exact match {row['control']:.3f}")
-record("negation of tau_darn", negation)
-# as in Ilharco et al., lambda is a knob: is there one that removes the behaviour and keeps the rest?
-ok = [lam for lam, row in negation.items() if lam > 0 and row["darn rate"] <= 0.5 * negation[0.0]["darn rate"]
-      and row["control"] >= negation[0.0]["control"] - 0.05]
-claim(8, "negating a task vector removes that behaviour while keeping the other skills",
-      bool(ok), detail=f"lambdas that halve the rate and keep copy/rev/count within 0.05: {ok}; {negation}")
+base_sd = base_states["lm/merge-base-tiny"]
+theta_norm = {name: sum(float(v.float().pow(2).sum()) for v in sd.values()) ** 0.5 for name, sd in base_states.items()}
+rel_norm = {c: {t: tv.norm() / theta_norm[CONDITIONS[c][0]] for t, tv in tvs.items()} for c, tvs in taus.items()}
+base_test = {name: skills(sd, base=name) for name, sd in base_states.items()}
+ft_test = {c: {t: skills(sd, base=CONDITIONS[c][0]) for t, sd in fts.items()} for c, fts in fine_tuned.items()}
+ft_val = {c: {t: skills(sd, "val", [t], CONDITIONS[c][0])[t] for t, sd in fts.items()} for c, fts in fine_tuned.items()}
+print(f"{'tiny base and replay fine-tunes':34s}" + "".join(f"{t:>7s}" for t in ALL_TASKS) + "  ||tau||/||theta||")
+print(f"{'lm/merge-base-tiny':34s}" + "".join(f"{base_test['lm/merge-base-tiny'][t]:7.2f}" for t in ALL_TASKS))
+for t in MERGE_TASKS:
+    row = ft_test["tiny, replay"][t]
+    print(f"{'lm/merge-tiny-ft-' + t:34s}" + "".join(f"{row[u]:7.2f}" for u in ALL_TASKS)
+          + f"  {rel_norm['tiny, replay'][t]:.3f}")
+print("\nmean ||tau||/||theta|| by condition:", {c: round(float(np.mean(list(r.values()))), 3) for c, r in rel_norm.items()})
+record("LM task vectors: relative norms", rel_norm)
+record("LM fine-tunes: test exact match", ft_test)
+
+# %% [markdown]
+# The diagonal is each fine-tune's own skill: every one improves on the base (the base has all six
+# skills weakly), while the controls copy/rev/count stay where the base had them, because the fine-tunes
+# replayed the base's data. The other *weak* skills are not protected as well: a tiny model that
+# sharpens one digit task often loses some of another (look at the inc and max columns).
+#
+# ### Adding task vectors (claim 8)
+#
+# Add two task vectors, $\theta_{base} + \lambda(\tau_a + \tau_b)$, for every pair of the six skills,
+# with $\lambda$ chosen on validation. A merge is measured by the share of each fine-tune's gain over
+# the base that it keeps, $(\text{merged} - \text{base}) / (\text{fine-tuned} - \text{base})$ (1: all
+# of it; normalised accuracy, merged / fine-tuned, flatters merges when the base already has part of
+# the skill). Then add all six at once.
+
+# %%
+LAMBDAS = [0.1, 0.2, 0.3, 0.5, 0.75, 1.0]
+
+
+def gains(scores, tasks, cond="tiny, replay"):
+    """Share of each fine-tune's gain kept; nan where the fine-tune gains less than 0.1 over the base
+    (a ratio of two small differences says nothing: 'small' learned add to 0.93 before fine-tuning)."""
+    base = base_test[CONDITIONS[cond][0]]
+    return [gain_captured(scores[t], base[t], ft_test[cond][t][t]) if ft_test[cond][t][t] >= base[t] + 0.1
+            else np.nan for t in tasks]
+
+
+def tuned_merge(candidates, tasks, cond="tiny, replay"):
+    """Choose among {hyperparameters: state dict} by mean normalised validation accuracy on ``tasks``;
+    return (chosen, test scores of the chosen merge)."""
+    base_name = CONDITIONS[cond][0]
+    val = {k: np.mean([s / max(ft_val[cond][t], 1e-9) for t, s in skills(sd, "val", tasks, base_name).items()])
+           for k, sd in candidates.items()}
+    best = max(val, key=val.get)
+    return best, skills(candidates[best], base=base_name)
+
+
+tv = taus["tiny, replay"]
+multi_sd = task_arithmetic(base_sd, [fine_tuned["tiny, replay"]["sort"], fine_tuned["tiny, replay"]["max"]], [1.0, 1.0])
+same = all(torch.allclose(multi_sd[k], v, atol=1e-6) for k, v in (tv["sort"] + tv["max"]).apply_to(base_sd).items())
+print("task_arithmetic agrees with labkit's TaskVector:", same)
+pairs = {}
+for a, b in itertools.combinations(MERGE_TASKS, 2):
+    lam, test = tuned_merge({lam: (tv[a] + tv[b]).apply_to(base_sd, scale=lam) for lam in LAMBDAS}, [a, b])
+    pairs[(a, b)] = {"lambda": lam, "test": test, "gain": gains(test, [a, b]),
+                     "controls": float(np.mean([test[c] for c in CONTROLS]))}
+lam6, test6 = tuned_merge({lam: sum(tv.values()).apply_to(base_sd, scale=lam) for lam in LAMBDAS}, MERGE_TASKS)
+all_six = {"lambda": lam6, "test": test6, "gain": gains(test6, MERGE_TASKS),
+           "controls": float(np.mean([test6[c] for c in CONTROLS]))}
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+base_ctrl = float(np.mean([base_test["lm/merge-base-tiny"][c] for c in CONTROLS]))
+print(f"gain kept by base + lambda (tau_a + tau_b), lambda on validation (base controls {base_ctrl:.2f}):")
+for (a, b), r in pairs.items():
+    print(f"  {a:>6s} + {b:<6s} lambda {r['lambda']:<4}  gain kept {a} {r['gain'][0]:5.2f}, {b} {r['gain'][1]:5.2f}"
+          f"   controls {r['controls']:.2f}")
+print(f"all six: lambda {lam6}, gain kept " + ", ".join(f"{t} {g:.2f}" for t, g in zip(MERGE_TASKS, all_six["gain"]))
+      + f", controls {all_six['controls']:.2f}")
+pair_gain = float(np.nanmean([g for r in pairs.values() for g in r["gain"]]))
+both_better = [p for p, r in pairs.items() if np.nanmin(r["gain"]) > 0]
+pair_ctrl = float(np.mean([r["controls"] for r in pairs.values()]))
+print(f"mean gain kept over the {len(pairs)} pairs: {pair_gain:.2f}; merge better than the base on both skills in "
+      f"{len(both_better)} pairs; controls {pair_ctrl:.2f} (base {base_ctrl:.2f})")
+record("LM task addition: pairs (lambda on val; test gain kept)", {f"{a}+{b}": r for (a, b), r in pairs.items()})
+record("LM task addition: all six", all_six)
+claim(8, "adding two task vectors gives both skills: over all pairs of the six, the merge keeps on average at "
+      "least half of each fine-tune's gain, with the controls kept (lambda on validation)",
+      pair_gain >= 0.5 and pair_ctrl >= base_ctrl - 0.05,
+      detail=f"mean gain kept {pair_gain:.2f}, better than the base on both in {len(both_better)} of {len(pairs)} "
+      f"pairs, controls {pair_ctrl:.2f} vs base {base_ctrl:.2f}; all six at lambda {lam6}: mean gain kept "
+      f"{np.nanmean(all_six['gain']):.2f}")
+
+# %% [markdown]
+# Two skills add up; six at once interfere: no single $\lambda$ keeps much of all six gains. Section 5
+# looks at that interference and at the methods built against it. First the other half of claim 8.
+#
+# ### Negating a task vector (claim 8)
+#
+# Subtract the task vector of a skill the base **already has** (inc, add 1 to every digit: the base
+# gets about 40% right) and watch that skill and all the others. We follow Ilharco et al.'s protocol:
+# the skills to keep are the base's well-learned ones, copy/rev/count (their "control task"), and
+# $\lambda$ is the one that lowers the target skill most on validation while the controls keep at
+# least 95% of the base's score. The second control is a random direction with the same norm in
+# every tensor: if subtracting *any* update of that size did the same, negation would teach nothing.
+
+# %%
+target = "inc"
+others = [t for t in MERGE_TASKS if t != target]  # the other weak skills
+rand = random_direction_like(tv[target], seed=0)
+ctrl = lambda row: float(np.mean([row[t] for t in CONTROLS]))  # noqa: E731
+val_base = skills(base_sd, "val")
+neg_val = {lam: skills(tv[target].apply_to(base_sd, scale=-lam), "val") for lam in [0.25, 0.5, 0.75, 1.0, 1.5]}
+allowed = [lam for lam, s in neg_val.items() if ctrl(s) >= 0.95 * ctrl(val_base)] or [0.25]
+neg_lam = min(allowed, key=lambda lam: neg_val[lam][target])
+negation = {"base": base_test["lm/merge-base-tiny"],
+            f"base - {neg_lam} tau_{target}": skills(tv[target].apply_to(base_sd, scale=-neg_lam)),
+            f"base - {neg_lam} x random (same norm)": skills(rand.apply_to(base_sd, scale=-neg_lam))}
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+print(f"{'':34s}" + "".join(f"{t:>7s}" for t in ALL_TASKS) + "   controls, other weak skills (means)")
+for name, row in negation.items():
+    print(f"{name:34s}" + "".join(f"{row[t]:7.2f}" for t in ALL_TASKS)
+          + f"   {ctrl(row):.2f}, {np.mean([row[t] for t in others]):.2f}")
+record("LM negation (test)", negation)
+b, neg, rnd = negation.values()
+claim(8, f"negating a task vector removes that skill ({target}: at most half left) while the controls keep 95% of "
+      "the base's score, and a random direction of the same norm keeps two thirds of the skill",
+      neg[target] <= b[target] / 2 and ctrl(neg) >= 0.95 * ctrl(b) and rnd[target] >= 2 / 3 * b[target],
+      detail=f"lambda {neg_lam} (validation): {target} {b[target]:.2f} -> {neg[target]:.2f} (random "
+      f"{rnd[target]:.2f}); controls {ctrl(b):.2f} -> {ctrl(neg):.2f}; other weak skills "
+      f"{np.mean([b[t] for t in others]):.2f} -> {np.mean([neg[t] for t in others]):.2f}")
+
+# %% [markdown]
+# Negation removes the skill far more than an equally large random step does, and copy/rev/count
+# survive. The other weak digit skills lose some too (the last column): in a model this small, the
+# directions that carry one digit skill also carry part of the others.
 
 # %% [markdown]
 # ### How far to go: $\lambda$
 #
-# Scale the sum of the two skill vectors, $\theta_{base} + \lambda(\tau_{add} + \tau_{sort})$.
-# $\lambda = 0$ is the base, $\lambda = 1$ the plain sum; beyond 1 we *extrapolate*, which is not
-# guaranteed to help.
+# Scale the sum of two skill vectors (the pair that merged best on validation) and of all six,
+# $\theta_{base} + \lambda\sum\tau$. $\lambda = 0$ is the base, $\lambda = 1$ the plain sum; beyond 1 we
+# *extrapolate*. Two vectors tolerate the full sum; six only a fraction of it.
 
 # %%
+best_pair = max(pairs, key=lambda p: np.mean([skills((tv[p[0]] + tv[p[1]]).apply_to(base_sd, scale=pairs[p]["lambda"]),
+                                                       "val", list(p))[t] for t in p]))
 lambdas = by_mode(smoke=[0.0, 0.5, 1.0, 1.5], full=[0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5])
-sweep = [skills((tau_add + tau_sort).apply_to(lm_base, scale=lam)) for lam in lambdas]
+pair_sweep = [skills((tv[best_pair[0]] + tv[best_pair[1]]).apply_to(base_sd, scale=lam)) for lam in lambdas]
+six_sweep = [skills(sum(tv.values()).apply_to(base_sd, scale=lam)) for lam in lambdas]
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-fig, ax = plt.subplots(figsize=(6, 3.4))
-for t, style in (("add", "o-"), ("sort", "s--")):  # add and sort can coincide (both 0 at the base)
-    ax.plot(lambdas, [r[t] for r in sweep], style, label=t)
-ax.plot(lambdas, [control(r) for r in sweep], "^:", label="copy/rev/count (mean)")
-ax.axvline(1.0, color="grey", lw=0.8, ls=":")
-ax.set_ylim(-0.02, 1.02)
-ax.set_xlabel(r"$\lambda$"), ax.set_ylabel("exact match")
-ax.set_title(r"$\theta_{base} + \lambda(\tau_{add} + \tau_{sort})$")
-ax.legend()
+fig, (ax_pair, ax_six) = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
+for t, style in zip(best_pair, ("o-", "s--")):
+    ax_pair.plot(lambdas, [r[t] for r in pair_sweep], style, label=t)
+ax_pair.plot(lambdas, [ctrl(r) for r in pair_sweep], "^:", label="copy/rev/count (mean)")
+ax_pair.set_title(rf"$\theta_{{base}} + \lambda(\tau_{{{best_pair[0]}}} + \tau_{{{best_pair[1]}}})$")
+ax_six.plot(lambdas, [np.mean([r[t] for t in MERGE_TASKS]) for r in six_sweep], "o-", label="six tasks (mean)")
+ax_six.plot(lambdas, [ctrl(r) for r in six_sweep], "^:", label="copy/rev/count (mean)")
+ax_six.set_title(r"$\theta_{base} + \lambda \sum_{6\ tasks} \tau$")
+for ax in (ax_pair, ax_six):
+    ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_ylim(-0.02, 1.02), ax.set_xlabel(r"$\lambda$"), ax.legend(fontsize=8)
+ax_pair.set_ylabel("exact match (test)")
 plt.tight_layout()
 plt.show()
-record("lambda sweep (add, sort, control)", {lam: r for lam, r in zip(lambdas, sweep)})
+record("lambda sweep: best pair and all six", {"pair": list(best_pair), "lambdas": lambdas,
+                                                "pair_sweep": pair_sweep, "six_sweep": six_sweep})
 
 # %% [markdown]
 # ### Diagnostics: how much do task vectors interfere?
@@ -637,20 +750,20 @@ record("lambda sweep (add, sort, control)", {lam: r for lam, r in zip(lambdas, s
 # Two task vectors interfere when they push the same parameters in different directions. The
 # cosine similarity between whole task vectors is usually close to 0 (high-dimensional vectors are
 # nearly orthogonal); the **sign-conflict rate** per tensor (the fraction of entries where one pushes
-# up and the other down) is what TIES acts on.
+# up and the other down) is what TIES acts on. Compare the replay, LoRA and far fine-tunes.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-tvs = {"add": tau_add, "sort": tau_sort, "darn": tau_darn}
-print("cosine similarity of task vectors\n", {f"{a}/{b}": round(merge.cosine_matrix([tvs[a], tvs[b]])[0, 1].item(), 3)
-                                             for a, b in itertools.combinations(tvs, 2)})
-conflicts = merge.sign_conflict_rate([tau_add, tau_sort])
-conflicts_trimmed = merge.sign_conflict_rate([tau_add, tau_sort], density=0.2)
-print(f"sign conflicts add vs sort: {np.mean(list(conflicts.values())):.3f} of all entries, "
-      f"{np.mean(list(conflicts_trimmed.values())):.3f} after trimming each to its top 20%")
-print(f"L1 mass removed by trimming tau_add to 20% of its entries: {merge.trimmed_mass(tau_add, 0.2):.3f}")
-record("sign conflict rate (all, trimmed to 20%)", [np.mean(list(conflicts.values())),
-                                                    np.mean(list(conflicts_trimmed.values()))])
+for c in ("tiny, replay", "tiny, LoRA", "tiny, far"):
+    cos = merge.cosine_matrix([taus[c][t] for t in MERGE_TASKS])
+    off = cos[~torch.eye(len(MERGE_TASKS), dtype=torch.bool)]
+    conflicts = merge.sign_conflict_rate([taus[c]["sort"], taus[c]["rsort"]])
+    conflicts_trimmed = merge.sign_conflict_rate([taus[c]["sort"], taus[c]["rsort"]], density=0.2)
+    print(f"{c:13s}: cosines between the six task vectors {off.min():.2f} to {off.max():.2f} (mean {off.mean():.2f}); "
+          f"sign conflicts sort vs rsort {np.mean(list(conflicts.values())):.2f} of all entries, "
+          f"{np.mean(list(conflicts_trimmed.values())):.2f} of the top 20%")
+print(f"L1 mass removed by trimming tau_sort (replay) to 20% of its entries: {merge.trimmed_mass(tv['sort'], 0.2):.3f}")
+
 
 # %% [markdown]
 # ### Where task vectors do work: fine-tunes that stay close to their base
@@ -921,8 +1034,9 @@ def draw_digit_lambda(lam=1.0):
 # NBVAL_IGNORE_OUTPUT
 try:
     import ipywidgets as widgets
-    widgets.interact(draw_digit_lambda, lam=widgets.FloatSlider(value=1.0, min=-1.0, max=2.0, step=0.1,
-                                                           description="lambda"))
+
+    from labkit.course.interactive import interact  # a slider here; one static figure in headless runs
+    interact(draw_digit_lambda, lam=widgets.FloatSlider(value=1.0, min=-1.0, max=2.0, step=0.1, description="lambda"))
 except ImportError:  # no widgets here: the static curves at lambda = 1
     print("ipywidgets is not installed: the curves at lambda = 1 instead of a slider")
     draw_digit_lambda(1.0)
@@ -1009,76 +1123,101 @@ print("your TIES equals labkit.merge.ties:",
                      merge.ties(base_t, tuned, [1, 1, 1], density=0.2, lambda_=0.8), atol=1e-6))
 
 # %% [markdown]
-# ### TIES vs task arithmetic vs linear on a two-skill merge
+# ### TIES vs task arithmetic vs averaging, as tasks and task vectors grow (claim 9)
 #
-# Merge `lm/ft-add` and `lm/ft-sort` three ways with the methods' usual defaults (no tuning on the
-# test data): **linear** (the average of the two fine-tunes, $\theta_{base} + \frac12\sum\tau_i$),
-# **task arithmetic** ($\lambda = 1$: the sum), and **TIES** (density 0.2, $\lambda = 1$). The
-# score is the mean exact match over the two new skills and the three old ones.
+# Merge the first 2, 4 and all 6 fine-tunes three ways, each with its own hyperparameters chosen on
+# validation: **averaging** the fine-tunes ($\theta_{base} + \frac1k\sum\tau_i$, nothing to tune), **task
+# arithmetic** ($\theta_{base} + \lambda\sum\tau_i$, $\lambda$ tuned) and **TIES** (density and
+# $\lambda$ tuned). Do it for the replay fine-tunes (small task vectors) and the far ones (large, the
+# interference TIES was designed against). The score is the mean normalised accuracy on the merged
+# tasks, merged / fine-tuned exact match, on the test split (as the TIES paper reports it).
 
 # %%
-fts = [state(lms["lm/ft-add"]), state(lms["lm/ft-sort"])]
-merges = {
-    "linear (average of fine-tunes)": merge.merge("linear", fts, weight=[0.5, 0.5]),
-    "task arithmetic (lambda 1)": merge.merge("task_arithmetic", fts, base_sd, weight=1.0),
-    "TIES (density 0.2, lambda 1)": merge.merge("ties", fts, base_sd, weight=1.0, density=0.2),
-    "TIES, trimmed over the whole model": merge.merge("ties", fts, base_sd, weight=1.0, density=0.2,
-                                                      trim_scope="model"),
-}
-merge_table = {name: skills(sd) for name, sd in merges.items()}
+# (density, lambda); large task vectors need a small lambda, whatever the method
+TIES_GRID = by_mode(smoke=[(0.2, 0.1), (0.5, 0.1), (0.5, 0.3), (0.5, 0.5), (0.5, 1.0)],
+                    full=[(d, lam) for d in (0.1, 0.2, 0.5) for lam in (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5)])
+methods = {}
+for cond in ("tiny, replay", "tiny, far"):
+    for k in (2, 4, 6):
+        on = MERGE_TASKS[:k]
+        states, tvs_k = [fine_tuned[cond][t] for t in on], [taus[cond][t] for t in on]
+        candidates = {
+            "averaging": {1.0: merge.merge("linear", states, weight=1.0)},
+            "task arithmetic": {lam: sum(tvs_k).apply_to(base_sd, scale=lam) for lam in LAMBDAS},
+            "TIES": {(d, lam): merge.merge("ties", states, base_sd, weight=1.0, density=d, **{"lambda": lam})
+                     for d, lam in TIES_GRID}}
+        for method, cands in candidates.items():
+            chosen, test = tuned_merge(cands, on, cond)
+            norm = float(np.mean([test[t] / max(ft_test[cond][t][t], 1e-9) for t in on]))
+            methods[(cond, k, method)] = {"chosen": chosen, "normalised": norm,
+                                          "controls": float(np.mean([test[c] for c in CONTROLS]))}
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-print(f"{'':36s}" + "".join(f"{t:>8s}" for t in TASKS) + "    mean")
-for name, row in merge_table.items():
-    print(f"{name:36s}" + "".join(f"{row[t]:8.3f}" for t in TASKS) + f"{np.mean(list(row.values())):8.3f}")
-record("TIES vs task arithmetic vs linear", merge_table)
-score = {name: float(np.mean(list(row.values()))) for name, row in merge_table.items()}
-claim(9, "TIES beats plain averaging and task arithmetic on a multi-task merge",
-      score["TIES (density 0.2, lambda 1)"] > max(score["linear (average of fine-tunes)"],
-                                                  score["task arithmetic (lambda 1)"]),
-      detail=str({k: round(v, 3) for k, v in score.items()}))
+for cond in ("tiny, replay", "tiny, far"):
+    print(f"{cond} (mean ||tau||/||theta|| {np.mean(list(rel_norm[cond].values())):.3f}): test normalised accuracy")
+    for k in (2, 4, 6):
+        print(f"  {k} tasks: " + ", ".join(f"{m} {methods[(cond, k, m)]['normalised']:.3f} "
+                                           f"({methods[(cond, k, m)]['chosen']})"
+                                           for m in ("averaging", "task arithmetic", "TIES")))
+record("LM merges by method, task count and condition", {f"{c} | {k} tasks | {m}": v for (c, k, m), v in methods.items()})
+far = {m: [methods[("tiny, far", k, m)]["normalised"] for k in (2, 4, 6)] for m in ("averaging", "task arithmetic",
+                                                                                    "TIES")}
+claim(9, "TIES beats plain averaging on merges of large task vectors (far fine-tunes, 2, 4 and 6 tasks on average; "
+      "each method tuned on validation)", np.mean(far["TIES"]) > np.mean(far["averaging"]),
+      detail=f"far, 2/4/6 tasks: {far}; TIES minus tuned task arithmetic: "
+      + ", ".join(f"{c} {k} tasks {methods[(c, k, 'TIES')]['normalised'] - methods[(c, k, 'task arithmetic')]['normalised']:+.3f}"
+                  for c in ("tiny, replay", "tiny, far") for k in (2, 4, 6)))
+ties_vs_ta = [methods[(c, k, "TIES")]["normalised"] - methods[(c, k, "task arithmetic")]["normalised"]
+              for c in ("tiny, replay", "tiny, far") for k in (2, 4, 6)]
+print(f"TIES vs task arithmetic with a tuned lambda: ahead in {sum(d > 0.01 for d in ties_vs_ta)} of 6 settings, "
+      f"behind in {sum(d < -0.01 for d in ties_vs_ta)}, within 0.01 in the rest")
 
 # %% [markdown]
-# Note what each method does to the **size** of the update: linear halves both task vectors (each
-# skill gets half its vector), task arithmetic keeps both at full size, TIES keeps 20% of the entries
-# and averages only where they overlap. Task arithmetic was observed on models with hundreds of
-# millions of parameters, fine-tuned gently, where a fine-tune moves the weights a little and the
-# effects of small moves add up almost linearly. Our language models have half a million
-# parameters and learned each new skill with a large move; whether two such moves still add up is
-# exactly what the tables above measure. The TIES paper's comparisons merge up to eleven fine-tunes
-# of much larger models.
+# Read the table along both axes. Averaging is task arithmetic with $\lambda = 1/k$ fixed; with small
+# task vectors the tuned $\lambda$ lands close to it, and the three methods are within a few points of
+# each other. With large task vectors every method needs a small $\lambda$ (the far fine-tunes moved
+# far outside the region where their effects add up), averaging falls behind, and TIES's trimming and
+# sign election help: this is the interference TIES was designed against. Against task arithmetic
+# **with a tuned $\lambda$** its advantage is small and not consistent: much of what TIES gains over
+# the plain sum comes from shrinking the update, which a tuned $\lambda$ also does. The TIES paper's
+# comparisons merge up to eleven fine-tunes of far larger models.
 #
 # ### DARE: drop and rescale
 #
 # DARE (Yu et al. 2023) drops each entry of a task vector with probability $p$ and rescales the rest
 # so the update keeps its size: by $1/(1-p)$ in the paper, by matching the L1 norm in mergekit
 # (labkit offers both; mergekit's is the default). The claim is that fine-tuning deltas are so
-# redundant that most of them can be dropped.
+# redundant that most of them can be dropped. We apply it to the best pair's merge at its $\lambda$.
 
 # %%
-drop_rates = by_mode(smoke=[0.0, 0.5, 0.9], full=[0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95])
-dare = {mode: [skills(merge.merge("dare_linear", fts, base_sd, weight=1.0, density=1 - p, seed=0, rescale_norm=mode))
-               for p in drop_rates] for mode in ("l1", "density")}
-no_rescale = [skills(merge.merge("dare_linear", fts, base_sd, weight=1.0, density=1 - p, seed=0, rescale=False))
-              for p in drop_rates]
+drop_rates = by_mode(smoke=[0.0, 0.5, 0.9, 0.99], full=[0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
+pair_fts = [fine_tuned["tiny, replay"][t] for t in best_pair]
+pair_lam = pairs[best_pair]["lambda"]
+dare = {mode: [skills(merge.merge("dare_linear", pair_fts, base_sd, weight=1.0, density=1 - p, seed=0,
+                                  rescale_norm=mode, **{"lambda": pair_lam})) for p in drop_rates]
+        for mode in ("l1", "density")}
+no_rescale = [skills(merge.merge("dare_linear", pair_fts, base_sd, weight=1.0, density=1 - p, seed=0, rescale=False,
+                                 **{"lambda": pair_lam})) for p in drop_rates]
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 fig, ax = plt.subplots(figsize=(6, 3.4))
-mean_new = lambda r: (r["add"] + r["sort"]) / 2  # noqa: E731
+mean_new = lambda r: np.mean([r[t] for t in best_pair])  # noqa: E731
 # all three start at the same point (p = 0 drops nothing): markers and line styles keep them apart
 ax.plot(drop_rates, [mean_new(r) for r in dare["l1"]], "o-", label="rescale: match L1 norm (mergekit)")
 ax.plot(drop_rates, [mean_new(r) for r in dare["density"]], "s--", label="rescale: 1/(1-p) (paper)")
 ax.plot(drop_rates, [mean_new(r) for r in no_rescale], "^:", label="no rescaling")
+ax.axhline(np.mean([base_test["lm/merge-base-tiny"][t] for t in best_pair]), color="grey", lw=0.8, ls=":",
+           label="the base")
 ax.set_ylim(-0.02, 1.02)
-ax.set_xlabel("drop rate p"), ax.set_ylabel("exact match, add and sort (mean)")
-ax.set_title("DARE on the two-skill merge")
+ax.set_xlabel("drop rate p"), ax.set_ylabel(f"exact match, {' and '.join(best_pair)} (mean)")
+ax.set_title(f"DARE on the merge of {' + '.join(best_pair)} (lambda {pair_lam})")
 ax.legend(fontsize=8)
 plt.tight_layout()
 plt.show()
-record("DARE: mean add/sort exact match by drop rate", {m: [mean_new(r) for r in rows] for m, rows in
-                                                        {**dare, "none": no_rescale}.items()})
+record("DARE: mean exact match of the pair by drop rate", {m: [mean_new(r) for r in rows] for m, rows in
+                                                           {**dare, "none": no_rescale}.items()})
 
 # %% [markdown]
 # ### SLERP
@@ -1089,24 +1228,26 @@ record("DARE: mean add/sort exact match by drop rate", {m: [mean_new(r) for r in
 # \frac{\sin(t\Omega)}{\sin\Omega}\theta_1$, per tensor, falling back to linear interpolation when the
 # two are nearly colinear. mergekit's `slerp` takes exactly two models; $t = 0$ is the base model.
 # SLERP departs from linear interpolation only where the two tensors point in different
-# directions; the printed difference says how far apart the two paths are here.
+# directions; the printed difference says how far apart the two paths are here (fine-tunes of one
+# base are nearly colinear, so it is small).
 
 # %%
 ts = by_mode(smoke=[0.0, 0.5, 1.0], full=[0.0, 0.25, 0.5, 0.75, 1.0])
-ft_add_sd, ft_sort_sd = fts
-slerp_path = [skills(merge.merge("slerp", [ft_sort_sd], ft_add_sd, t=t)) for t in ts]
-lerp_path = [skills(merge.interpolate(ft_add_sd, ft_sort_sd, t)) for t in ts]
-slerp_mid = merge.merge("slerp", [ft_sort_sd], ft_add_sd, t=0.5)
-lerp_mid = merge.interpolate(ft_add_sd, ft_sort_sd, 0.5)
-max_gap = max((slerp_mid[k] - lerp_mid[k]).abs().max().item() for k in ft_add_sd)
+ft_a_sd, ft_b_sd = pair_fts
+slerp_path = [skills(merge.merge("slerp", [ft_b_sd], ft_a_sd, t=t)) for t in ts]
+lerp_path = [skills(merge.interpolate(ft_a_sd, ft_b_sd, t)) for t in ts]
+slerp_mid = merge.merge("slerp", [ft_b_sd], ft_a_sd, t=0.5)
+lerp_mid = merge.interpolate(ft_a_sd, ft_b_sd, 0.5)
+max_gap = max((slerp_mid[k] - lerp_mid[k]).abs().max().item() for k in ft_a_sd)
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 fig, ax = plt.subplots(figsize=(6, 3.4))
-for t_name, ls in (("add", "-"), ("sort", "--")):
+for t_name, ls in zip(best_pair, ("-", "--")):
     ax.plot(ts, [r[t_name] for r in slerp_path], ls=ls, marker="o", color="C0", label=f"SLERP, {t_name}")
     ax.plot(ts, [r[t_name] for r in lerp_path], ls=ls, marker="x", color="C1", label=f"linear, {t_name}")
-ax.set_xlabel("t (0 = lm/ft-add, 1 = lm/ft-sort)"), ax.set_ylabel("exact match")
+ax.set_xlabel(f"t (0 = lm/merge-tiny-ft-{best_pair[0]}, 1 = lm/merge-tiny-ft-{best_pair[1]})")
+ax.set_ylabel("exact match")
 ax.set_ylim(-0.02, 1.02)
 ax.legend(fontsize=8)
 plt.tight_layout()
@@ -1115,19 +1256,81 @@ print(f"largest parameter difference between SLERP and linear at t = 0.5: {max_g
 record("SLERP vs linear path", {"slerp": slerp_path, "linear": lerp_path})
 
 # %% [markdown]
+# ### What makes merging work: distance and width
+#
+# One figure for the whole section: the quality of the six-task merge (task arithmetic and TIES, each
+# tuned on validation; test normalised accuracy) against how far the fine-tunes moved,
+# $\|\tau\|/\|\theta\|$, for the two widths and the three kinds of fine-tune. Yadav et al. (2024), "What
+# matters for model merging at scale?", find that merging gets easier with model size and harder as
+# the experts move away from the base.
+
+# %%
+quality = {}
+for cond, (base_name, _) in CONDITIONS.items():
+    states, tvs_c = list(fine_tuned[cond].values()), list(taus[cond].values())
+    base_c = base_states[base_name]
+    for method, cands in (("task arithmetic", {lam: sum(tvs_c).apply_to(base_c, scale=lam) for lam in LAMBDAS}),
+                          ("TIES", {(d, lam): merge.merge("ties", states, base_c, weight=1.0, density=d,
+                                                          **{"lambda": lam}) for d, lam in TIES_GRID})):
+        chosen, test = tuned_merge(cands, MERGE_TASKS, cond)
+        quality[(cond, method)] = {"distance": float(np.mean(list(rel_norm[cond].values()))), "chosen": chosen,
+                                   "normalised": float(np.mean([test[t] / max(ft_test[cond][t][t], 1e-9)
+                                                                for t in MERGE_TASKS])),
+                                   "gain": float(np.nanmean(gains(test, MERGE_TASKS, cond)))}
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+WIDTH_MARKERS = {"tiny": "o", "small": "s", "medium": "^"}  # 85k, 0.5M and 1.5M parameters
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+for ax, metric, label in ((axes[0], "normalised", "normalised accuracy (merged / fine-tuned)"),
+                          (axes[1], "gain", "share of the fine-tunes' gain kept (mean)")):
+    for (cond, method), q in quality.items():
+        width = cond.split(",")[0]
+        ax.scatter(q["distance"], q[metric], marker=WIDTH_MARKERS[width], s=60,
+                   color="C0" if method == "task arithmetic" else "C3", alpha=0.8)
+        ax.annotate(cond.split(", ")[1], (q["distance"], q[metric]), fontsize=7, xytext=(4, 2),
+                    textcoords="offset points")
+    ax.set_xlabel(r"mean $\|\tau\| / \|\theta_{base}\|$ of the six fine-tunes"), ax.set_ylabel(label)
+    ax.axhline(0, color="grey", lw=0.6)
+handles = [plt.Line2D([], [], marker=m, ls="", color="grey", label=f"{w} base") for w, m in WIDTH_MARKERS.items()]
+handles += [plt.Line2D([], [], marker="o", ls="", color=c, label=m) for c, m in (("C0", "task arithmetic"), ("C3", "TIES"))]
+axes[0].legend(handles=handles, fontsize=8)
+fig.suptitle("six-task merges, hyperparameters tuned on validation (test split)", fontsize=10)
+plt.tight_layout()
+plt.show()
+for (cond, method), q in quality.items():
+    print(f"{cond:14s} {method:16s} ||tau||/||theta|| {q['distance']:.3f}  normalised {q['normalised']:.3f}  "
+          f"gain kept {q['gain']:+.3f}  ({q['chosen']})")
+record("merge quality vs distance and width", {f"{c} | {m}": q for (c, m), q in quality.items()})
+
+# %% [markdown]
+# Read the figure by distance at equal width, then by width at equal distance. The far fine-tunes
+# (right) keep little or none of their gains, whatever the method; TIES loses least there. At the same
+# distance the wider base merges better: the small model's six-task merge keeps most of the fine-tunes'
+# gains where the tiny one keeps about a third (the measured sweeps, 150 test examples per task:
+# normalised 0.55 tiny vs 0.80 small, gain kept 0.31 vs 0.58, in `bench/results/`). Distance is not
+# the whole story: the LoRA task vectors are as long as the far ones, yet they are low rank and nearly
+# orthogonal to each other (cosines around 0.1) and merge about as well as the replay ones. The medium base learned
+# add, max and inc to 0.97 from the same pre-training mixture, so its fine-tunes have gains to keep only
+# on sort, rsort and dedupe (its gain is the mean over those), and its normalised accuracy starts high.
+
+
+# %% [markdown]
 # ## 6. The same merge from a mergekit YAML file
 #
 # Practitioners describe merges in mergekit's YAML format and run them on checkpoints on disk.
 # `labkit merge CONFIG.yml OUT_DIR` reads the same format (for the methods above), streams the
-# checkpoints tensor by tensor, and gives the same tensors as mergekit for the same config. Write
-# the TIES merge of section 5 as a config, run the command, and load the result with transformers:
+# checkpoints tensor by tensor, and gives the same tensors as mergekit for the same config. Write a
+# TIES merge of two replay fine-tunes (max and inc) as a config, run the command, and load the result
+# with transformers:
 
 # %%
+yaml_pair = ("max", "inc")
 config = {
     "merge_method": "ties",
-    "base_model": str(zoo.path("lm/base")),
-    "models": [{"model": str(zoo.path("lm/ft-add")), "parameters": {"weight": 1.0, "density": 0.2}},
-               {"model": str(zoo.path("lm/ft-sort")), "parameters": {"weight": 1.0, "density": 0.2}}],
+    "base_model": str(zoo.path("lm/merge-base-tiny")),
+    "models": [{"model": str(zoo.path(f"lm/merge-tiny-ft-{t}")), "parameters": {"weight": 1.0, "density": 0.5}}
+               for t in yaml_pair],
     "parameters": {"normalize": True, "lambda": 1.0},
     "dtype": "float32",
 }
@@ -1142,11 +1345,13 @@ print("labkit merge exit code:", result.returncode)
 from transformers import AutoModelForCausalLM
 
 from_yaml = AutoModelForCausalLM.from_pretrained(workdir / "out", dtype=torch.float32).to(device).eval()
-in_memory = merges["TIES (density 0.2, lambda 1)"]
+in_memory = merge.merge("ties", [fine_tuned["tiny, replay"][t] for t in yaml_pair], base_sd, weight=1.0, density=0.5,
+                        **{"lambda": 1.0})
 identical = all(torch.equal(v.cpu(), in_memory[k].cpu()) for k, v in from_yaml.state_dict().items())
 print("the YAML merge equals labkit.merge.merge('ties', ...):", identical)
 print("files written:", sorted(p.name for p in (workdir / "out").iterdir()))
 assert identical, "labkit merge gave different tensors from the in-memory TIES merge of the same config"
+
 
 # %% [markdown]
 # ## Summary
@@ -1157,10 +1362,15 @@ assert identical, "labkit merge gave different tensors from the in-memory TIES m
 #   better single model; the greedy soup never loses on the data it was selected with.
 # * Averaging tracks ensembling closely at a fraction of the inference cost, but it is not a free
 #   ensemble, and outside a shared initialisation it breaks where ensembling does not.
-# * Task vectors turn fine-tunes into values: add skills, subtract behaviours, scale them. They
-#   need fine-tunes that stay near their base: on the digit classifiers adding and negating them
-#   worked; on our tiny language models, whose fine-tunes moved far, they did not (see the claims
-#   above, and `labkit labs`' report for this run's numbers).
-# * TIES, DARE and SLERP are refinements of the same idea; on our small merges TIES did not beat the
-#   simpler methods, which is worth knowing before trusting a leaderboard recipe. mergekit's YAML is
-#   how practitioners run them, and `labkit merge` reads it.
+# * Task vectors turn fine-tunes into values: add skills, subtract behaviours, scale them. They need
+#   what large pre-trained models give for free: a base that has seen every task (weak skills, not
+#   absent ones) and fine-tunes that stay near it (replay of the base's data, small steps). On the zoo's
+#   language models built that way, two task vectors add up to both skills, and negating one removes
+#   that skill while the base's well-learned skills stay (a random direction of the same size does
+#   not remove it). Six at once interfere: the further the fine-tunes moved, the less of their gain any
+#   merge keeps, and the wider base keeps more of it than the tiny one.
+# * TIES, DARE and SLERP are refinements of the same idea. TIES helps where large task vectors
+#   conflict, but against task arithmetic with a validation-tuned $\lambda$ its edge is small and
+#   not consistent; tune every method's hyperparameters on validation data before comparing them
+#   (and before trusting a leaderboard recipe). mergekit's YAML is how practitioners run them, and
+#   `labkit merge` reads it. This run's numbers are in the claims above and in `labkit labs`' report.
