@@ -462,7 +462,9 @@ def _build_lm_mixture(name, recipe, device):
     """An LM trained on a weighted task mixture; metrics: greedy exact match on every merging task and
     control, for fine-tunes the relative size of the task vector ||tau|| / ||theta_parent||. With
     ``store_dtype`` the weights are rounded to it before the metrics (they describe the shipped file);
-    ``fp32_exact_match/TASK`` records the trained tasks' score before rounding."""
+    ``fp32_exact_match/TASK`` records the score before rounding on every task of a base's mixture, and on
+    a fine-tune's own task (the first of its mixture; the rest is replay). With ``lora_rank`` the fine-tune
+    trains LoRA adapters that are merged into the weights before anything is measured or saved."""
     from .data import get_tokenizer, make_task_dataset
     from .evaluate import exact_match
     from .models import make_llama
