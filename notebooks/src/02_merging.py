@@ -766,7 +766,7 @@ print(f"L1 mass removed by trimming tau_sort (replay) to 20% of its entries: {me
 
 
 # %% [markdown]
-# ### Where task vectors do work: fine-tunes that stay close to their base
+# ### Task vectors on digit classifiers: seven domains
 #
 # Task arithmetic assumes that a fine-tune stays in its base's neighbourhood, where the effects of
 # parameter changes add up roughly linearly. The digit classifiers are such a case: `digits/task-K`
@@ -791,33 +791,33 @@ def digit_scores(states, split="test"):
                                                                         study_device).items()}
 
 
-base_test, base_val = digit_scores([base_state]), digit_scores([base_state], "val")
+d_base_test, d_base_val = digit_scores([base_state]), digit_scores([base_state], "val")
 ft_correct = digits_study.correctness(d_base, [ft_states[k] for k in domains], task_sets["test"], study_device)
-ft_test = {k: ft_correct[k][i] for i, k in enumerate(domains)}  # each fine-tune on its own domain
-ft_val = digit_scores([ft_states[k] for k in domains], "val")
+d_ft_test = {k: ft_correct[k][i] for i, k in enumerate(domains)}  # each fine-tune on its own domain
+d_ft_val = digit_scores([ft_states[k] for k in domains], "val")
 # a fine-tune "adds a skill" when it beats the base on its own domain by 0.05 on validation
-skills_added = [k for i, k in enumerate(domains) if ft_val[k][i] > base_val[k][0] + 0.05]
-theta_norm = merge.TaskVector(base_state).norm()
+skills_added = [k for i, k in enumerate(domains) if d_ft_val[k][i] > d_base_val[k][0] + 0.05]
+d_theta_norm = merge.TaskVector(base_state).norm()
 print("fine-tunes that add a skill on validation:", skills_added)
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 print(f"{'model':24s}" + "".join(f"{c:>8s}" for c in ["clean", *domains]) + "   ||tau||/||theta||")
-print(f"{'base':24s}" + "".join(f"{base_test[c][0]:8.3f}" for c in ["clean", *domains]))
+print(f"{'base':24s}" + "".join(f"{d_base_test[c][0]:8.3f}" for c in ["clean", *domains]))
 ft_all = digit_scores([ft_states[k] for k in domains])
 for i, k in enumerate(domains):
     print(f"{'fine-tuned on ' + k:24s}" + "".join(f"{ft_all[c][i]:8.3f}" for c in ["clean", *domains])
-          + f"   {d_tau[k].norm() / theta_norm:.3f}")
+          + f"   {d_tau[k].norm() / d_theta_norm:.3f}")
 digit_cos = merge.cosine_matrix([d_tau[k] for k in domains])
 digit_conflicts = np.mean(list(merge.sign_conflict_rate([d_tau[k] for k in domains]).values()))
 off_diagonal = digit_cos[~torch.eye(len(domains), dtype=torch.bool)]
 print(f"cosine between task vectors: {off_diagonal.min():.2f} to {off_diagonal.max():.2f}; "
       f"sign conflicts among the seven: {digit_conflicts:.3f} of entries")
 record("digits task vectors: base and fine-tunes (test accuracy)",
-       {"base": {c: base_test[c][0] for c in ["clean", *domains]},
+       {"base": {c: d_base_test[c][0] for c in ["clean", *domains]},
         **{f"task-{k}": {c: ft_all[c][i] for c in ["clean", *domains]} for i, k in enumerate(domains)}})
 record("digits task vectors: relative norm and cosines",
-       {"relative_norm": {k: d_tau[k].norm() / theta_norm for k in domains}, "cosine": digit_cos})
+       {"relative_norm": {k: d_tau[k].norm() / d_theta_norm for k in domains}, "cosine": digit_cos})
 
 # %% [markdown]
 # **Adding** the task vectors of the domains where fine-tuning helped, with $\lambda$ chosen on
@@ -827,7 +827,7 @@ record("digits task vectors: relative norm and cosines",
 # direction of the same size as the control. The claims test `rotate`, fixed in advance.
 
 # %%
-digit_added = digits_study.tuned_merges(d_base, base_state, ft_states, skills_added, task_sets, ft_test,
+digit_added = digits_study.tuned_merges(d_base, base_state, ft_states, skills_added, task_sets, d_ft_test,
                                   study_device)["task arithmetic"]
 base_correct = digits_study.correctness(d_base, [base_state], task_sets["test"], study_device)
 add_gain = {k: digits_study.bootstrap_ci((digit_added["correct"][k].float() - base_correct[k][0].float()).numpy())
@@ -850,7 +850,7 @@ digit_negation = {}
 for k in domains:
     val = digit_scores([d_tau[k].apply_to(base_state, scale=-lam) for lam in neg_lambdas], "val")
     allowed = {lam: -float(val[k][i]) for i, lam in enumerate(neg_lambdas)
-               if others_mean(val, k, i) >= others_mean(base_val, k) - 0.05}
+               if others_mean(val, k, i) >= others_mean(d_base_val, k) - 0.05}
     lam = digits_study.best_on_validation(allowed) if allowed else 0.0
     test = digit_scores([d_tau[k].apply_to(base_state, scale=-lam)])
     rand = digit_scores([random_like(d_tau[k]).apply_to(base_state, scale=-lam)])
@@ -862,13 +862,13 @@ for k in domains:
 print(f"base + {digit_added['hyper'][0]} x sum of tau ({', '.join(skills_added)}), lambda chosen on validation:")
 for k in skills_added:
     g = add_gain[k]
-    print(f"  {k:8s} base {base_test[k][0]:.3f} -> {digit_added['test'][k]:.3f} (fine-tune {ft_test[k].float().mean():.3f}); "
+    print(f"  {k:8s} base {d_base_test[k][0]:.3f} -> {digit_added['test'][k]:.3f} (fine-tune {d_ft_test[k].float().mean():.3f}); "
           f"gain {g[0]:+.3f} [{g[1]:+.3f}, {g[2]:+.3f}]")
-print(f"  clean    base {base_test['clean'][0]:.3f} -> {digit_added['test']['clean']:.3f}")
+print(f"  clean    base {d_base_test['clean'][0]:.3f} -> {digit_added['test']['clean']:.3f}")
 print(f"\n{'negate':8s}{'lambda':>7s}{'domain: base -> negated':>26s}{'others: base -> negated':>26s}"
       f"{'random dir.: domain, others':>30s}")
 for k, r in digit_negation.items():
-    print(f"{k:8s}{r['lambda']:7.2f}{base_test[k][0]:16.3f} -> {r['domain']:.3f}{others_mean(base_test, k):16.3f} -> "
+    print(f"{k:8s}{r['lambda']:7.2f}{d_base_test[k][0]:16.3f} -> {r['domain']:.3f}{others_mean(d_base_test, k):16.3f} -> "
           f"{r['others']:.3f}{r['random: domain']:18.3f}, {r['random: others']:.3f}")
 record("digits task addition (test)", {"skills": skills_added, "lambda": digit_added["hyper"], "test": digit_added["test"],
                                        "gain CI": add_gain})
@@ -881,7 +881,7 @@ claim(8, "task vectors on digits: adding them gives a model better than the base
       detail=f"skills {skills_added}, lambda {digit_added['hyper']}: " + str({k: tuple(round(x, 4) for x in g)
                                                                          for k, g in add_gain.items()}))
 claim(8, "task vectors on digits: negating tau_rotate removes that skill and keeps the others",
-      digit_neg["domain"] < base_test["rotate"][0] - 0.1 and digit_neg["others"] >= others_mean(base_test, "rotate") - 0.05,
+      digit_neg["domain"] < d_base_test["rotate"][0] - 0.1 and digit_neg["others"] >= others_mean(d_base_test, "rotate") - 0.05,
       detail=str(digit_neg))
 print("negating tau_rotate hurts rotated digits more than a random direction of the same size:",
       digit_neg["domain"] < digit_neg["random: domain"])
@@ -914,7 +914,7 @@ print("negating tau_rotate hurts rotated digits more than a random direction of 
 
 # %%
 digit_subsets = {size: digits_study.cyclic_subsets(domains, size) for size in range(2, len(domains) + 1)}
-digit_tuned = {size: [digits_study.tuned_merges(d_base, base_state, ft_states, s, task_sets, ft_test, study_device)
+digit_tuned = {size: [digits_study.tuned_merges(d_base, base_state, ft_states, s, task_sets, d_ft_test, study_device)
                       for s in subs] for size, subs in digit_subsets.items()}
 digit_methods = ["averaging", "task arithmetic", "TIES"]
 digit_normalised = {m: {size: [float(np.mean(list(r[m]["normalised"].values()))) for r in rs] for size, rs in digit_tuned.items()}
@@ -927,7 +927,7 @@ def normalised_difference(a, b, sizes):
     for size in sizes:
         for r in digit_tuned[size]:
             for k in r[a]["normalised"]:
-                rows += [r[a]["correct"][k], r[b]["correct"][k], ft_test[k]]
+                rows += [r[a]["correct"][k], r[b]["correct"][k], d_ft_test[k]]
                 n_pairs += 1
     rows = torch.stack(rows).float().numpy()
     return digits_study.bootstrap_ci(rows, lambda m: ((m[..., 0::3] - m[..., 1::3]) / m[..., 2::3]).mean(-1))
@@ -1358,17 +1358,22 @@ assert identical, "labkit merge gave different tensors from the in-memory TIES m
 #
 # * Averaging parameters needs models that share an initialisation; independent networks differ by
 #   a permutation of their hidden units, and weight matching can undo it for MLPs.
-# * Averaging checkpoints of one run and souping fine-tunes of one base are cheap ways to get a
-#   better single model; the greedy soup never loses on the data it was selected with.
-# * Averaging tracks ensembling closely at a fraction of the inference cost, but it is not a free
-#   ensemble, and outside a shared initialisation it breaks where ensembling does not.
+# * Averaging checkpoints of one run and souping fine-tunes of one base are cheap ways to get one
+#   model. On three ingredient sets the greedy soup never lost on the data it was chosen on, but on
+#   test it was within noise of the best single model; the uniform soup was *less* robust under shift
+#   than the best single model, because our fine-tunes sit far apart and differ in robustness.
+# * Averaging tracks ensembling closely at one model's cost: in distribution the two were within
+#   noise, and under shift the averaged fine-tunes often beat their ensemble. Outside a shared
+#   initialisation averaging breaks where ensembling does not.
 # * Task vectors turn fine-tunes into values: add skills, subtract behaviours, scale them. They need
 #   what large pre-trained models give for free: a base that has seen every task (weak skills, not
 #   absent ones) and fine-tunes that stay near it (replay of the base's data, small steps). On the zoo's
 #   language models built that way, two task vectors add up to both skills, and negating one removes
 #   that skill while the base's well-learned skills stay (a random direction of the same size does
 #   not remove it). Six at once interfere: the further the fine-tunes moved, the less of their gain any
-#   merge keeps, and the wider base keeps more of it than the tiny one.
+#   merge keeps, and the wider base keeps more of it than the tiny one. On seven digit domains,
+#   negating a task vector removed that domain's skill and kept the others; adding them helped most
+#   domains, not all at once.
 # * TIES, DARE and SLERP are refinements of the same idea. TIES helps where large task vectors
 #   conflict, but against task arithmetic with a validation-tuned $\lambda$ its edge is small and
 #   not consistent; tune every method's hyperparameters on validation data before comparing them
