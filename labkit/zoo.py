@@ -15,12 +15,15 @@ The zoo is designed around the labs:
   ensembling   digits/mlp-s0..s4 (seeds), digits/ckpt-* (checkpoints of one run), digits/cnn-s0,
                lm/chat-clean + lm/chat-darn (expert and anti-expert for steering lm/base)
   merging      lm/base with fine-tunes lm/ft-add and lm/ft-sort (task vectors), lm/base-twin
-               (same recipe, independent initialisation), digits/soup-base + digits/soup-ft0..7;
+               (same recipe, independent initialisation), digits/soup-base + digits/soup-ft0..7 (and two
+               more ingredient sets digits/soup-s1-ft*, soup-s2-ft*), digits/task-KIND for seven shift
+               kinds (domain task vectors);
                lm/merge-base (and -tiny, -tiny-s1, -medium) pre-trained on every task at a low rate, with
                single-task fine-tunes per condition (LM_MERGE_CONDITIONS: replay, far, LoRA) for task
                addition, negation, TIES and DARE on six tasks
   distillation lm/teacher (larger) and lm/student (smaller, trained on the same data without a teacher)
   MoE          lm/base is the dense model to upcycle
+  capstone     the digits pool of labkit.capstone.challenge.POOL (no entries of its own)
   refinement   refine/masked (bidirectional Mask-Predict refiner), refine/reviser and refine/critic
                (revise and judge lm/student's drafts)
 """
