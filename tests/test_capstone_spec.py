@@ -405,3 +405,38 @@ def test_methods_never_import_the_tooling():
         imported = {(n.module or "").split(".")[-1] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name.split(".")[-1] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not imported & tooling, (name, imported & tooling)
+
+
+def test_write_folder_atomically_keeps_the_old_folder_on_failure(tmp_path, monkeypatch):
+    from labkit.capstone import spec as spec_mod
+
+    target = tmp_path / "sub"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+
+    def fails(tmp):
+        (tmp / "half.txt").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        spec_mod.write_folder_atomically(target, fails)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]            # no temporary folder left
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+
+    real_replace, calls = spec_mod.os.replace, []
+
+    def second_rename_fails(src, dst):        # moving the old folder aside works, the new one's rename fails
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(spec_mod.os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="rename failed"):
+        spec_mod.write_folder_atomically(target, lambda tmp: (tmp / "new.txt").write_text("new"))
+    monkeypatch.setattr(spec_mod.os, "replace", real_replace)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
+    assert [p.name for p in target.iterdir()] == ["old.txt"]              # put back
+
+    spec_mod.write_folder_atomically(target, lambda tmp: (tmp / "new.txt").write_text("new"))
+    assert [p.name for p in target.iterdir()] == ["new.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["sub"]

@@ -9,16 +9,13 @@ checks the leaderboard against it.
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 
-from .spec import _default_mode, write_submission
+from .spec import write_folder_atomically, write_submission
 
 MARKER = ".labkit-class"
 
@@ -141,22 +138,11 @@ def make_class(directory, force: bool = False) -> Path:
             raise ValueError(f"{directory} holds files that make-class did not write; choose a new folder")
         if not force:
             raise ValueError(f"{directory} holds a class folder already; pass --force to replace it")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    try:
-        _default_mode(tmp)
+    def fill(tmp: Path) -> None:
         _write_all(tmp)
         (tmp / MARKER).write_text("written by labkit capstone make-class\n")
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
-            os.replace(directory, old / "class")
-            os.replace(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+
+    return write_folder_atomically(directory, fill)
 
 
 def make_class_cli(args) -> int:

@@ -479,6 +479,33 @@ def _default_mode(folder: Path) -> None:
     os.chmod(folder, 0o777 & ~umask)
 
 
+def write_folder_atomically(directory: Path, fill) -> Path:
+    """Build ``directory`` with ``fill(tmp)`` in a fresh folder beside it, then rename it into place.
+    An existing ``directory`` is moved aside first and deleted only once the rename succeeded (put back
+    if it fails), so a failure at any point leaves either the old folder or the new one, never half."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        _default_mode(tmp)
+        fill(tmp)
+        if not directory.exists():
+            os.replace(tmp, directory)
+            return directory
+        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
+        try:
+            os.replace(directory, old / "previous")
+            os.replace(tmp, directory)
+        except BaseException:
+            if (old / "previous").exists():
+                os.replace(old / "previous", directory)
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
 def _save_module(module: nn.Module, folder: Path, name: str) -> None:
     from safetensors.torch import save_file
 
@@ -523,23 +550,12 @@ def write_submission(directory, spec: dict, models: dict | None = None, overwrit
     submitted_at = spec.get("submitted_at") or dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     if isinstance(submitted_at, dt.datetime):
         submitted_at = submitted_at.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    try:
-        _default_mode(tmp)
+    def fill(tmp: Path) -> None:
         for name, module in sorted(models.items()):
             _save_module(module, tmp / name, name)
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        spec = {**spec, "files": files, "submitted_at": str(submitted_at)}
-        (tmp / SPEC_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
+        packed = {**spec, "files": files, "submitted_at": str(submitted_at)}
+        (tmp / SPEC_FILE).write_text(yaml.safe_dump(packed, sort_keys=False))
         load_submission(tmp, device="cpu", label=str(directory))
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
-            os.replace(directory, old / "submission")
-            os.replace(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+
+    return write_folder_atomically(directory, fill)
