@@ -57,17 +57,6 @@ RUN_ALL_TIMEOUT_S = 600
 REDRAW_TIMEOUT_S = 120
 
 
-def _find_chromium() -> str | None:
-    explicit = os.environ.get("LABKIT_CHROMIUM")
-    if explicit:
-        return explicit if Path(explicit).is_file() else None
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -86,13 +75,9 @@ def _write_lab_settings(settings_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def browser_tools():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (make browser-setup)")
-    chromium = _find_chromium()
-    if chromium is None:
-        pytest.skip("no Chromium found (make browser-setup, or set LABKIT_CHROMIUM)")
+def browser_tools(playwright_chromium):
     pytest.importorskip("jupyterlab", reason="jupyterlab is not installed (make install)")
-    return sync_api, chromium
+    return playwright_chromium
 
 
 @pytest.fixture(scope="module")

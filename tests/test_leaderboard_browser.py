@@ -9,8 +9,6 @@ A screenshot goes to ``reports/browser/leaderboard.png`` (gitignored) for a pers
 from __future__ import annotations
 
 import csv
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,23 +22,9 @@ pytestmark = [pytest.mark.browser]
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "reports" / "browser"
 
 
-def _find_chromium() -> str | None:
-    explicit = os.environ.get("LABKIT_CHROMIUM")
-    if explicit:
-        return explicit if Path(explicit).is_file() else None
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (make browser-setup)")
-    chromium = _find_chromium()
-    if chromium is None:
-        pytest.skip("no Chromium found (make browser-setup, or set LABKIT_CHROMIUM)")
+def page(tmp_path_factory, playwright_chromium):
+    sync_api, chromium = playwright_chromium
     tmp = tmp_path_factory.mktemp("leaderboard")
     klass = make_class(tmp / "class")
     out = tmp / "out"
