@@ -294,16 +294,11 @@ def draw_next_token(temperature=1.0):
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-try:
-    import ipywidgets as widgets
+import ipywidgets as widgets
 
-    from labkit.course.interactive import interact  # a slider here; one static figure in headless runs
-    interact(draw_next_token, temperature=widgets.FloatLogSlider(
-        value=1.0, base=10, min=-1, max=1, step=0.05, description="T"))
-except ImportError:  # no widgets here: draw three temperatures instead
-    print("ipywidgets is not installed: three temperatures instead of a slider")
-    for t in (0.3, 1.0, 10.0):
-        draw_next_token(t)
+from labkit.course.interactive import interact  # a slider here; one static figure in headless runs
+interact(draw_next_token, temperature=widgets.FloatLogSlider(
+    value=1.0, base=10, min=-1, max=1, step=0.05, description="T"))
 
 
 # %% [markdown]

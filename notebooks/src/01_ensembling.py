@@ -174,14 +174,11 @@ plt.show()
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-try:
-    import ipywidgets as widgets
+import ipywidgets as widgets
 
-    from labkit.course.interactive import interact  # a slider here; one static figure in headless runs
-    interact(draw_mixes, weight_a=widgets.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05),
+from labkit.course.interactive import interact  # a slider here; one static figure in headless runs
+interact(draw_mixes, weight_a=widgets.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05),
          axes=widgets.fixed(None))
-except ImportError:  # no widgets here: the static figure above shows three weights
-    print("ipywidgets is not installed: see the static figure above")
 
 # %%
 sweep = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)

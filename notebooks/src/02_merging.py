@@ -1032,14 +1032,10 @@ def draw_digit_lambda(lam=1.0):
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-try:
-    import ipywidgets as widgets
+import ipywidgets as widgets
 
-    from labkit.course.interactive import interact  # a slider here; one static figure in headless runs
-    interact(draw_digit_lambda, lam=widgets.FloatSlider(value=1.0, min=-1.0, max=2.0, step=0.1, description="lambda"))
-except ImportError:  # no widgets here: the static curves at lambda = 1
-    print("ipywidgets is not installed: the curves at lambda = 1 instead of a slider")
-    draw_digit_lambda(1.0)
+from labkit.course.interactive import interact  # a slider here; one static figure in headless runs
+interact(draw_digit_lambda, lam=widgets.FloatSlider(value=1.0, min=-1.0, max=2.0, step=0.1, description="lambda"))
 
 
 # %% [markdown]

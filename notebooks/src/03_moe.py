@@ -418,17 +418,13 @@ def draw_capacity(model="without aux loss", layer=0, top_k=2, capacity_factor=1.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-try:
-    import ipywidgets as widgets
+import ipywidgets as widgets
 
-    from labkit.course.interactive import interact  # a slider here; one static figure in headless runs
-    interact(draw_capacity, model=widgets.Dropdown(options=list(router_scores), value="without aux loss"),
-             layer=widgets.IntSlider(value=0, min=0, max=len(router_scores["with aux loss"]) - 1),
-             top_k=widgets.IntSlider(value=2, min=1, max=E_EXPERTS),
-             capacity_factor=widgets.FloatSlider(value=1.0, min=0.5, max=4.0, step=0.25))
-except ImportError:  # no widgets here: the trained setting (top-2, c = 1)
-    print("ipywidgets is not installed: top-2 at capacity factor 1 instead of sliders")
-    draw_capacity()
+from labkit.course.interactive import interact  # a slider here; one static figure in headless runs
+interact(draw_capacity, model=widgets.Dropdown(options=list(router_scores), value="without aux loss"),
+         layer=widgets.IntSlider(value=0, min=0, max=len(router_scores["with aux loss"]) - 1),
+         top_k=widgets.IntSlider(value=2, min=1, max=E_EXPERTS),
+         capacity_factor=widgets.FloatSlider(value=1.0, min=0.5, max=4.0, step=0.25))
 
 # %% [markdown]
 # ## 5. What do the experts specialise in?

@@ -108,14 +108,11 @@ plt.show()
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-try:
-    import ipywidgets as widgets
+import ipywidgets as widgets
 
-    from labkit.course.interactive import interact  # a slider here; one static figure in headless runs
-    interact(draw_temperature, T=widgets.FloatSlider(value=1.0, min=0.25, max=8.0, step=0.25),
-             ax=widgets.fixed(None))
-except ImportError:  # no widgets here: the static figure above shows three temperatures
-    print("ipywidgets is not installed: see the static figure above")
+from labkit.course.interactive import interact  # a slider here; one static figure in headless runs
+interact(draw_temperature, T=widgets.FloatSlider(value=1.0, min=0.25, max=8.0, step=0.25),
+         ax=widgets.fixed(None))
 
 # %% [markdown]
 # ### Exercise: the soft-target loss

@@ -365,14 +365,11 @@ draw_refinement()
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-try:
-    import ipywidgets as widgets
+import ipywidgets as widgets
 
-    from labkit.course.interactive import interact  # a slider here; one static figure in headless runs
-    interact(draw_refinement, step=widgets.IntSlider(value=0, min=0, max=trace_T - 1, step=1),
-                     ax=widgets.fixed(None))
-except ImportError:  # no widgets here: the static figure above shows every iteration
-    print("ipywidgets is not installed: see the static figure above")
+from labkit.course.interactive import interact  # a slider here; one static figure in headless runs
+interact(draw_refinement, step=widgets.IntSlider(value=0, min=0, max=trace_T - 1, step=1),
+         ax=widgets.fixed(None))
 
 # %% [markdown]
 # ### Left-to-right decoding at equal compute
