@@ -71,19 +71,19 @@ def submission_flops(sub, X: torch.Tensor) -> float:
 def measure_latency(fns, X: torch.Tensor, repeats: int = 5, warmup: int = 1) -> list[list[float]]:
     """Wall times in ms of each fn(X), ``repeats`` of each, timed in turns (fn0, fn1, ..., fn0, fn1,
     ...) so that a change of machine load hits all of them alike: [len(fns)][repeats]."""
-    times = [[] for _ in fns]
     # One CPU thread while timing: on a busy machine, intra-op threads wait on each other, and more so for
     # the many small gather/scatter ops of an MoE or a cascade (5x a single model's time with 2 threads on
     # a loaded 2-core CPU, the same as one model with 1 thread). The ratios then compare work, not stalls.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _timed_turns(fns, X, repeats, warmup, times)
+        return _timed_turns(fns, X, repeats, warmup)
     finally:
         torch.set_num_threads(threads)
 
 
-def _timed_turns(fns, X, repeats, warmup, times):
+def _timed_turns(fns, X, repeats, warmup):
+    times = [[] for _ in fns]
     with torch.no_grad():
         for _ in range(warmup):
             for fn in fns:

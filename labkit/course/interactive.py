@@ -28,9 +28,9 @@ def interact(draw, **controls):
     ``controls`` are ipywidgets controls (``FloatSlider``, ``Dropdown``, ``fixed`` ...); each must have an
     initial ``.value``. A control without one is a mistake in the lab, named in the error.
     """
-    if not headless():
-        import ipywidgets
+    import ipywidgets
 
+    if not headless():
         return ipywidgets.interact(draw, **controls)
     values = {}
     for name, control in controls.items():
@@ -39,10 +39,6 @@ def interact(draw, **controls):
                             "draw with; pass an ipywidgets control or ipywidgets.fixed(value)")
         values[name] = control.value
     shown = ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v!r}" for k, v in values.items()
-                      if not _is_fixed(controls[k]))
+                      if not isinstance(controls[k], ipywidgets.fixed))
     print(f"(headless run: drawn once at {shown}; in JupyterLab or Colab this is a slider)")
     return draw(**values)
-
-
-def _is_fixed(control) -> bool:
-    return type(control).__name__ == "fixed"
